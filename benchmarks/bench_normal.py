@@ -1,0 +1,158 @@
+"""Normal-mode dispatch / combine benchmark in the multi-process harness (one rank per process):
+``python -m jax_ep.launch --nproc 8 -- python benchmarks/bench_normal.py --hbm-bytes-per-s B``.
+
+Times (per rank, max over ranks reported):
+- op: median wall time of one jitted call that runs the op ``--loop`` times back to back (fori_loop),
+  divided by ``--loop`` (launch and host overhead amortised: the kernel-side time of one op);
+- jit: median wall time of one jitted call of a single op (what a user's step pays).
+Bandwidth follows DeepEP: bytes of the received tokens (fp8 counted with its scales) / time, summed over
+ranks; combine counts the same rows in bf16. Rank 0 prints a JSON line and writes it to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from tests.gpu.harness import global_array, log, setup  # noqa: E402
+
+p = argparse.ArgumentParser()
+p.add_argument("--tokens", type=int, default=4096)
+p.add_argument("--hidden", type=int, default=7168)
+p.add_argument("--topk", type=int, default=8)
+p.add_argument("--experts", type=int, default=256)
+p.add_argument("--loop", type=int, default=10)
+p.add_argument("--repeats", type=int, default=10)
+p.add_argument("--hbm-bytes-per-s", type=float, default=0.0)
+p.add_argument("--out", default="")
+p.add_argument("--num-sms", default="0", help="comma-separated SM budgets to sweep (0 = one block per SM)")
+args = p.parse_args()
+
+rank, R, mesh, _ = setup()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import jax_ep  # noqa: E402
+from jax._src.distributed import global_state  # noqa: E402
+
+T, H, K, E = args.tokens, args.hidden, args.topk, args.experts
+rng = np.random.default_rng(0)
+scores = np.abs(rng.standard_normal((R * T, E))) + 1.0           # DeepEP's benchmark routing
+idx = np.argsort(-scores, axis=1)[:, :K].astype(np.int32)
+w = rng.random((R * T, K)).astype(np.float32)
+x = rng.standard_normal((R * T, H)).astype(np.float32)
+def bench(num_sms, with_fp8):
+    tag = f"sms{num_sms}_"
+    results = {}
+    buf = jax_ep.Buffer(mesh, num_experts=E, hidden=H, max_tokens_per_rank=T, num_topk=K, backend="reference" if os.environ.get("JAX_EP_DRYRUN") else "cuda",
+                        num_sms=num_sms or None)
+    gx, gi, gw = (global_array(mesh, a) for a in (x.astype(jnp.bfloat16), idx, w))
+
+
+    def smap(fn, n_in):
+        return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P("ep"),) * n_in, out_specs=P("ep")))
+
+
+    def payload(x, fp8):
+        return jax_ep.per_token_cast_to_fp8(x) if fp8 else x
+
+
+    def timed(f, *a):
+        jax.block_until_ready(f(*a))
+        ts = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(*a))
+            ts.append(time.perf_counter() - t0)
+        return float(np.median(ts))
+
+
+    def gather_max(name, value):
+        client = global_state.client
+        client.key_value_set(f"bench/{name}/{rank}", repr(value))
+        return max(float(client.blocking_key_value_get(f"bench/{name}/{r}", 600_000)) for r in range(R))
+
+
+    for fp8 in ((False, True) if with_fp8 else (False,)):
+        name = "dispatch_fp8" if fp8 else "dispatch_bf16"
+        pre = smap(lambda x: jax.tree.map(lambda a: a, payload(x, fp8)), 1)(gx)  # cast outside the timed op
+
+        def one(x, i, w):
+            return jax_ep.dispatch(buf, x, i, w).num_recv[None]
+
+        def loop(x, i, w):
+            def body(_, acc):
+                return acc + jax_ep.dispatch(buf, x, i, w).num_recv
+            return jax.lax.fori_loop(0, args.loop, body, i[0, 0] * 0)[None]
+
+        n_recv = np.asarray(smap(one, 3)(pre, gi, gw).addressable_shards[0].data)[0]
+        t_op = timed(smap(loop, 3), pre, gi, gw) / args.loop
+        t_jit = timed(smap(one, 3), pre, gi, gw)
+        row_bytes = H + 4 * (H // 128) if fp8 else 2 * H
+        results[name] = dict(recv_tokens_this_rank=int(n_recv), op_s=gather_max(f"{tag}{name}_op", t_op),
+                             jit_s=gather_max(f"{tag}{name}_jit", t_jit), row_bytes=row_bytes)
+        client = global_state.client
+        client.key_value_set(f"bench/{tag}{name}/rows/{rank}", str(int(n_recv)))
+        results[name]["recv_tokens_all_ranks"] = sum(int(client.blocking_key_value_get(f"bench/{tag}{name}/rows/{r}", 600_000))
+                                                     for r in range(R))
+
+    # Combine of bf16 rows along the bf16 dispatch's handle (the dispatch's own time is subtracted).
+    def comb_one(x, i, w):
+        out = jax_ep.dispatch(buf, x, i, w)
+        return jax_ep.combine(buf, out.x, out.handle)
+
+
+    def comb_loop(x, i, w):
+        out = jax_ep.dispatch(buf, x, i, w)
+
+        def body(_, acc):
+            return acc + jax_ep.combine(buf, out.x, out.handle)[0, 0].astype(jnp.float32)
+        return jax.lax.fori_loop(0, args.loop, body, w[0, 0] * 0)[None]
+
+
+    t_disp_jit = results["dispatch_bf16"]["jit_s"]
+    t_comb_loop = timed(smap(comb_loop, 3), gx, gi, gw)
+    t_comb_op = (t_comb_loop - results["dispatch_bf16"]["op_s"]) / args.loop
+    t_comb_jit = timed(smap(comb_one, 3), gx, gi, gw) - t_disp_jit
+    results["combine_bf16"] = dict(op_s=gather_max(f"{tag}combine_op", t_comb_op), jit_s=gather_max(f"{tag}combine_jit", t_comb_jit),
+                                   row_bytes=2 * H, recv_tokens_all_ranks=results["dispatch_bf16"]["recv_tokens_all_ranks"])
+
+    return results
+
+
+sweep = {}
+for i, n in enumerate(int(v) for v in args.num_sms.split(",")):
+    sweep[n] = bench(n, with_fp8=(i == 0))
+results = sweep[int(args.num_sms.split(",")[0])]
+
+B = args.hbm_bytes_per_s
+for name, r in results.items():
+    nbytes = r["recv_tokens_all_ranks"] * r["row_bytes"]
+    r["bytes"] = nbytes
+    r["GBps_op"] = nbytes / r["op_s"] / 1e9
+    r["GBps_jit"] = nbytes / r["jit_s"] / 1e9
+    if B:
+        ceiling = B / 3 if name.startswith("combine") else B / 4
+        r["ceiling_GBps"] = ceiling / 1e9
+        r["ratio_to_ceiling_op"] = r["GBps_op"] * 1e9 / ceiling
+if rank == 0:
+    for n, res in sweep.items():
+        for name, r in res.items():
+            if "GBps_op" not in r:
+                r["GBps_op"] = r["recv_tokens_all_ranks"] * r["row_bytes"] / r["op_s"] / 1e9
+    summary = dict(config=dict(ranks=R, tokens=T, hidden=H, topk=K, experts=E, loop=args.loop),
+                   sms_sweep={str(n): {k: round(v["GBps_op"], 1) for k, v in res.items()} for n, res in sweep.items()},
+                   hbm_copy_bytes_per_s=B, device=jax.devices()[0].device_kind, results=results)
+    line = json.dumps(summary)
+    print("BENCH", line, flush=True)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(line + "\n")
+log(rank, "done")

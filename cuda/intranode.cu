@@ -1,0 +1,529 @@
+// Intranode normal-mode kernels (see intranode.cuh for the protocol).
+//
+// Bytes moved per received row: the sender reads its token once for all destinations and writes it
+// into each receiver's staging slot; the receiver reads the slot and writes XLA's output row.
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/intranode.cuh"
+#include "cuda/sync.cuh"
+
+namespace jax_ep {
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+constexpr int kNotifyThreads = 1024;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+__device__ __forceinline__ uint64_t* epoch_ptr(const PeerView& v) { return field<uint64_t>(v.local, v.layout.epoch); }
+
+__device__ __forceinline__ uint64_t read_epoch(const PeerView& v) {
+  return ld_peer_written(epoch_ptr(v));
+}
+
+// Block-wide exclusive scan of one int per thread (blockDim.x == kNotifyThreads). Returns the total.
+__device__ int block_exclusive_scan(int value, int* out_exclusive, int* warp_sums) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int inclusive = value;
+#pragma unroll
+  for (int d = 1; d < 32; d <<= 1) {
+    const int n = __shfl_up_sync(kFullMask, inclusive, d);
+    if (lane >= d) inclusive += n;
+  }
+  if (lane == 31) warp_sums[warp] = inclusive;
+  __syncthreads();
+  if (warp == 0) {
+    int s = lane < (kNotifyThreads / 32) ? warp_sums[lane] : 0;
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+      const int n = __shfl_up_sync(kFullMask, s, d);
+      if (lane >= d) s += n;
+    }
+    warp_sums[lane] = s;  // inclusive over warps
+  }
+  __syncthreads();
+  const int warp_base = warp == 0 ? 0 : warp_sums[warp - 1];
+  *out_exclusive = warp_base + inclusive - value;
+  const int total = warp_sums[kNotifyThreads / 32 - 1];
+  __syncthreads();  // warp_sums is reused by the next scan
+  return total;
+}
+
+// Signal "done writing to you in this op" to every peer once all blocks of the kernel have finished
+// their stores (the last block to arrive signals).
+__device__ void signal_done_when_last_block(const PeerView& v, uint64_t epoch) {
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    unsigned* counter = field<unsigned>(v.local, v.layout.block_counter);
+    if (atomicAdd(counter, 1u) == gridDim.x - 1) {
+      *counter = 0;
+      __threadfence_system();
+      for (int r = 0; r < v.layout.num_ranks; ++r) {
+        st_release_sys(field<uint64_t>(v.peers[r], v.layout.done_flags) + v.rank, epoch);
+      }
+    }
+  }
+}
+
+__device__ void wait_all_flags(const PeerView& v, size_t flags_offset, uint64_t epoch, int phase) {
+  if (threadIdx.x < v.layout.num_ranks) {
+    wait_flag_geq(v, field<uint64_t>(v.local, flags_offset) + threadIdx.x, epoch, threadIdx.x, phase);
+  }
+  __syncthreads();
+}
+
+// -- dispatch: notify ------------------------------------------------------------------------------------
+
+__global__ void __launch_bounds__(kNotifyThreads, 1) notify_dispatch_kernel(PeerView v, DispatchArgs a) {
+  const int R = v.layout.num_ranks, K = v.layout.num_topk, T = a.num_tokens, me = v.rank;
+  const int C = v.layout.capacity, E = a.num_experts, E_loc = E / R;
+  __shared__ int warp_sums[32];
+  __shared__ int row[kMaxPeers];
+  __shared__ int base[kMaxPeers];
+  __shared__ int invalid;
+  __shared__ uint64_t s_epoch;
+  const int tid = threadIdx.x;
+
+  if (tid == 0) {
+    s_epoch = read_epoch(v) + 1;
+    *epoch_ptr(v) = s_epoch;
+    invalid = 0;
+  }
+  for (int e = tid; e < E_loc; e += blockDim.x) a.out_tokens_per_expert[e] = 0;
+  __syncthreads();
+  const uint64_t epoch = s_epoch;
+
+  // Membership: which ranks each token goes to; ids outside [-1, E) are counted and ignored.
+  int my_invalid = 0;
+  for (int t = tid; t < T; t += blockDim.x) {
+    uint64_t mask = 0;
+    for (int k = 0; k < K; ++k) {
+      const int id = a.topk_idx[t * K + k];
+      if (id >= 0 && id < E) {
+        mask |= 1ull << (id / E_loc);
+      } else if (id != -1) {
+        ++my_invalid;
+      }
+    }
+    for (int r = 0; r < R; ++r) a.is_token_in_rank[t * R + r] = (mask >> r) & 1;
+  }
+  if (my_invalid) atomicAdd(&invalid, my_invalid);
+  __syncthreads();
+
+  // Per destination: each token's position among the tokens sent there (a scan over token order).
+  const int chunk = (T + blockDim.x - 1) / blockDim.x;
+  const int t0 = min(T, tid * chunk), t1 = min(T, t0 + chunk);
+  for (int r = 0; r < R; ++r) {
+    int count = 0;
+    for (int t = t0; t < t1; ++t) count += a.is_token_in_rank[t * R + r];
+    int pos;
+    const int total = block_exclusive_scan(count, &pos, warp_sums);
+    for (int t = t0; t < t1; ++t) a.send_slot[t * R + r] = a.is_token_in_rank[t * R + r] ? pos++ : -1;
+    if (tid == 0) row[r] = total;
+  }
+  __syncthreads();
+
+  // Publish my row of the count matrix to every rank, then wait for everyone's (this is also the barrier
+  // that guarantees each receiver has finished copying out its previous op).
+  const int parity = static_cast<int>(epoch & 1);
+  for (int i = tid; i < R * R; i += blockDim.x) {
+    const int s = i / R, r = i % R;
+    field<int>(v.peers[s], v.layout.counts)[(parity * R + me) * R + r] = row[r];
+  }
+  __threadfence_system();
+  __syncthreads();
+  if (tid < R) st_release_sys(field<uint64_t>(v.peers[tid], v.layout.enter_flags) + me, epoch);
+  wait_all_flags(v, v.layout.enter_flags, epoch, kPhaseDispatchNotify);
+
+  const int* counts = field<int>(v.local, v.layout.counts) + parity * R * R;
+  if (tid < R) {
+    int b = 0;
+    for (int s = 0; s < me; ++s) b += ld_peer_written(counts + s * R + tid);
+    base[tid] = b;
+  }
+  if (tid == 0) {
+    int total = 0;
+    for (int s = 0; s < R; ++s) total += ld_peer_written(counts + s * R + me);
+    const int num_recv = min(total, C);
+    a.out_stats[0] = num_recv;
+    a.out_stats[1] = total - num_recv;
+    a.out_stats[2] = invalid;
+    a.out_stats[3] = total;
+  }
+  __syncthreads();
+  for (int i = tid; i < T * R; i += blockDim.x) {
+    const int pos = a.send_slot[i];
+    if (pos >= 0) {
+      const int slot = base[i % R] + pos;
+      a.send_slot[i] = slot < C ? slot : -1;  // past the capacity: not sent (counted as overflow there)
+    }
+  }
+}
+
+// Enter barrier for ops whose layout is already known (cached dispatch, combine).
+__global__ void enter_barrier_kernel(PeerView v, int phase) {
+  __shared__ uint64_t s_epoch;
+  if (threadIdx.x == 0) {
+    s_epoch = read_epoch(v) + 1;
+    *epoch_ptr(v) = s_epoch;
+  }
+  __syncthreads();
+  if (threadIdx.x < v.layout.num_ranks) {
+    st_release_sys(field<uint64_t>(v.peers[threadIdx.x], v.layout.enter_flags) + v.rank, s_epoch);
+  }
+  wait_all_flags(v, v.layout.enter_flags, s_epoch, phase);
+}
+
+// -- dispatch: send / receive ----------------------------------------------------------------------------
+
+// Copy `bytes` (a multiple of 4) from src to every destination of the warp's token. Lanes loop in
+// lockstep so the per-destination slot can be shuffled from the lane that loaded it; each lane keeps
+// kUnroll loads in flight before it stores them to every destination (the token is read once).
+constexpr int kUnroll = 4;
+
+template <typename Vec>
+__device__ __forceinline__ void send_row(const uint8_t* src, int bytes, const PeerView& v, size_t area_offset,
+                                         int area_row_bytes, int slot_lo, int slot_hi, uint64_t dest_mask) {
+  const int lane = threadIdx.x & 31;
+  const int n = bytes / static_cast<int>(sizeof(Vec));
+  const Vec* in = reinterpret_cast<const Vec*>(src);
+  for (int j0 = 0; j0 < n; j0 += 32 * kUnroll) {
+    Vec value[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int j = j0 + u * 32 + lane;
+      value[u] = j < n ? in[j] : Vec{};
+    }
+    uint64_t m = dest_mask;
+    while (m) {
+      const int r = __ffsll(static_cast<long long>(m)) - 1;
+      m &= m - 1;
+      const int slot = __shfl_sync(kFullMask, r < 32 ? slot_lo : slot_hi, r & 31);
+      Vec* out = reinterpret_cast<Vec*>(v.peers[r] + area_offset + static_cast<size_t>(slot) * area_row_bytes);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int j = j0 + u * 32 + lane;
+        if (j < n) out[j] = value[u];
+      }
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) dispatch_send_kernel(PeerView v, Rows in, const int32_t* topk_idx,
+                                                                  const float* topk_weights, const int32_t* send_slot,
+                                                                  int num_tokens, int num_experts) {
+  const int R = v.layout.num_ranks, K = v.layout.num_topk, lane = threadIdx.x & 31;
+  const uint64_t epoch = read_epoch(v);
+  const int warp = blockIdx.x * kWarps + (threadIdx.x >> 5), num_warps = gridDim.x * kWarps;
+  const bool vec16 = (in.row_bytes % 16) == 0;
+  for (int t = warp; t < num_tokens; t += num_warps) {
+    const int slot_lo = lane < R ? send_slot[t * R + lane] : -1;
+    const int slot_hi = lane + 32 < R ? send_slot[t * R + lane + 32] : -1;
+    const uint64_t dest_mask = static_cast<uint64_t>(__ballot_sync(kFullMask, slot_lo >= 0)) |
+                               (static_cast<uint64_t>(__ballot_sync(kFullMask, slot_hi >= 0)) << 32);
+    if (dest_mask == 0) continue;
+    const uint8_t* x = static_cast<const uint8_t*>(in.x) + static_cast<size_t>(t) * in.row_bytes;
+    if (vec16) {
+      send_row<int4>(x, in.row_bytes, v, v.layout.recv_x, v.layout.max_row_bytes, slot_lo, slot_hi, dest_mask);
+    } else {
+      send_row<int>(x, in.row_bytes, v, v.layout.recv_x, v.layout.max_row_bytes, slot_lo, slot_hi, dest_mask);
+    }
+    if (in.scales != nullptr) {
+      const uint8_t* s = static_cast<const uint8_t*>(in.scales) + static_cast<size_t>(t) * in.scale_bytes;
+      send_row<int>(s, in.scale_bytes, v, v.layout.recv_scales, v.layout.max_scale_bytes, slot_lo, slot_hi,
+                    dest_mask);
+    }
+    if (topk_idx != nullptr) {
+      int id = -1;
+      float w = 0.f;
+      if (lane < K) {
+        id = topk_idx[t * K + lane];
+        if (id < 0 || id >= num_experts) id = -1;
+        w = topk_weights[t * K + lane];
+      }
+      uint64_t m = dest_mask;
+      while (m) {
+        const int r = __ffsll(static_cast<long long>(m)) - 1;
+        m &= m - 1;
+        const int slot = __shfl_sync(kFullMask, r < 32 ? slot_lo : slot_hi, r & 31);
+        uint8_t* peer = v.peers[r];
+        if (lane < K) {
+          field<int>(peer, v.layout.recv_idx)[slot * K + lane] = id;
+          field<float>(peer, v.layout.recv_w)[slot * K + lane] = w;
+        }
+        if (lane == 0) field<int>(peer, v.layout.recv_src)[slot] = v.rank * v.layout.max_tokens + t;
+      }
+    }
+  }
+  signal_done_when_last_block(v, epoch);
+}
+
+template <typename Vec>
+__device__ __forceinline__ void copy_or_zero(const uint8_t* src, uint8_t* dst, int bytes, bool valid) {
+  const int lane = threadIdx.x & 31;
+  const int n = bytes / static_cast<int>(sizeof(Vec));
+  const Vec* in = reinterpret_cast<const Vec*>(src);
+  Vec* out = reinterpret_cast<Vec*>(dst);
+  for (int j0 = 0; j0 < n; j0 += 32 * kUnroll) {
+    Vec value[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int j = j0 + u * 32 + lane;
+      value[u] = (valid && j < n) ? ld_peer_written(in + j) : Vec{};
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int j = j0 + u * 32 + lane;
+      if (j < n) out[j] = value[u];
+    }
+  }
+}
+
+// One kernel for dispatch (with metadata) and cached dispatch (rows only).
+__global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(PeerView v, DispatchArgs a, const int32_t* stats,
+                                                                  int phase) {
+  extern __shared__ int tokens_per_expert[];
+  const int R = v.layout.num_ranks, K = v.layout.num_topk, C = v.layout.capacity, lane = threadIdx.x & 31;
+  const bool meta = a.out_idx != nullptr;
+  const int E_loc = meta ? a.num_experts / R : 0;
+  const uint64_t epoch = read_epoch(v);
+  for (int e = threadIdx.x; e < E_loc; e += blockDim.x) tokens_per_expert[e] = 0;
+  wait_all_flags(v, v.layout.done_flags, epoch, phase);
+
+  const int num_recv = stats[0];
+  const int lo = v.rank * E_loc;
+  const bool vec16 = (a.in.row_bytes % 16) == 0;
+  const int warp = blockIdx.x * kWarps + (threadIdx.x >> 5), num_warps = gridDim.x * kWarps;
+  for (int c = warp; c < C; c += num_warps) {
+    const bool valid = c < num_recv;
+    const uint8_t* src = v.local + v.layout.recv_x + static_cast<size_t>(c) * v.layout.max_row_bytes;
+    uint8_t* dst = static_cast<uint8_t*>(a.out_x) + static_cast<size_t>(c) * a.in.row_bytes;
+    if (vec16) {
+      copy_or_zero<int4>(src, dst, a.in.row_bytes, valid);
+    } else {
+      copy_or_zero<int>(src, dst, a.in.row_bytes, valid);
+    }
+    if (a.out_scales != nullptr) {
+      copy_or_zero<int>(v.local + v.layout.recv_scales + static_cast<size_t>(c) * v.layout.max_scale_bytes,
+                        static_cast<uint8_t*>(a.out_scales) + static_cast<size_t>(c) * a.in.scale_bytes,
+                        a.in.scale_bytes, valid);
+    }
+    if (meta) {
+      if (lane < K) {
+        const int id = valid ? ld_peer_written(field<int>(v.local, v.layout.recv_idx) + c * K + lane) : -1;
+        const int local = (id >= lo && id < lo + E_loc) ? id - lo : -1;
+        a.out_idx[c * K + lane] = local;
+        a.out_w[c * K + lane] =
+            local >= 0 ? ld_peer_written(field<float>(v.local, v.layout.recv_w) + c * K + lane) : 0.f;
+        if (local >= 0) atomicAdd(&tokens_per_expert[local], 1);
+      }
+      if (lane == 0) a.recv_src[c] = valid ? ld_peer_written(field<int>(v.local, v.layout.recv_src) + c) : -1;
+    }
+  }
+  if (!meta) return;
+  __syncthreads();
+  for (int e = threadIdx.x; e < E_loc; e += blockDim.x) {
+    if (tokens_per_expert[e]) atomicAdd(&a.out_tokens_per_expert[e], tokens_per_expert[e]);
+  }
+  // The last block rounds the per-expert counts up to the alignment.
+  __threadfence();
+  __syncthreads();
+  __shared__ bool last;
+  if (threadIdx.x == 0) {
+    unsigned* counter = field<unsigned>(v.local, v.layout.block_counter) + 1;
+    last = atomicAdd(counter, 1u) == gridDim.x - 1;
+    if (last) *counter = 0;
+  }
+  __syncthreads();
+  if (last && a.expert_alignment > 1) {
+    __threadfence();
+    for (int e = threadIdx.x; e < E_loc; e += blockDim.x) {
+      const int n = atomicAdd(&a.out_tokens_per_expert[e], 0);
+      a.out_tokens_per_expert[e] = (n + a.expert_alignment - 1) / a.expert_alignment * a.expert_alignment;
+    }
+  }
+}
+
+// -- combine ----------------------------------------------------------------------------------------------
+
+__global__ void __launch_bounds__(kThreads) combine_send_kernel(PeerView v, CombineArgs a, int row_bytes) {
+  const uint64_t epoch = read_epoch(v);
+  const int num_recv = a.stats[0];
+  const int T_max = v.layout.max_tokens;
+  const int warp = blockIdx.x * kWarps + (threadIdx.x >> 5), num_warps = gridDim.x * kWarps;
+  const bool vec16 = (row_bytes % 16) == 0;
+  for (int c = warp; c < num_recv; c += num_warps) {
+    const int src = a.recv_src[c];
+    const int s = src / T_max, t = src % T_max;
+    const uint8_t* in = static_cast<const uint8_t*>(a.y) + static_cast<size_t>(c) * row_bytes;
+    uint8_t* out = v.peers[s] + v.layout.comb + (static_cast<size_t>(v.rank) * T_max + t) * v.layout.max_row_bytes;
+    if (vec16) {
+      copy_or_zero<int4>(in, out, row_bytes, true);
+    } else {
+      copy_or_zero<int>(in, out, row_bytes, true);
+    }
+  }
+  signal_done_when_last_block(v, epoch);
+}
+
+__device__ __forceinline__ void add_bf16x8(float* acc, int4 raw) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(h[i]);
+    acc[2 * i] += f.x;
+    acc[2 * i + 1] += f.y;
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) combine_recv_kernel(PeerView v, CombineArgs a) {
+  const int R = v.layout.num_ranks, lane = threadIdx.x & 31, T_max = v.layout.max_tokens;
+  const uint64_t epoch = read_epoch(v);
+  wait_all_flags(v, v.layout.done_flags, epoch, kPhaseCombineRecv);
+  const int elem_bytes = a.y_is_bf16 ? 2 : 4;
+  const int row_bytes = a.row_elems * elem_bytes;
+  const bool vec16 = (row_bytes % 16) == 0;
+  const int warp = blockIdx.x * kWarps + (threadIdx.x >> 5), num_warps = gridDim.x * kWarps;
+  const uint8_t* comb = v.local + v.layout.comb;
+  for (int t = warp; t < a.num_tokens; t += num_warps) {
+    const bool lo = lane < R && a.send_slot[t * R + lane] >= 0;
+    const bool hi = lane + 32 < R && a.send_slot[t * R + lane + 32] >= 0;
+    const uint64_t mask = static_cast<uint64_t>(__ballot_sync(kFullMask, lo)) |
+                          (static_cast<uint64_t>(__ballot_sync(kFullMask, hi)) << 32);
+    float* out = a.out + static_cast<size_t>(t) * a.row_elems;
+    if (vec16) {
+      const int per_vec = 16 / elem_bytes;  // 8 bf16 or 4 f32
+      for (int j = lane; j < row_bytes / 16; j += 32) {
+        float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        // Ascending rank (the reference backend's f32 order); 4 ranks' loads in flight at a time.
+        for (int r0 = 0; r0 < R; r0 += 4) {
+          int4 raw[4];
+#pragma unroll
+          for (int u = 0; u < 4; ++u) {
+            const int r = r0 + u;
+            raw[u] = (r < R && ((mask >> r) & 1))
+                         ? ld_peer_written(reinterpret_cast<const int4*>(
+                                               comb + (static_cast<size_t>(r) * T_max + t) * v.layout.max_row_bytes) + j)
+                         : int4{0, 0, 0, 0};
+          }
+#pragma unroll
+          for (int u = 0; u < 4; ++u) {
+            const int r = r0 + u;
+            if (r < R && ((mask >> r) & 1)) {
+              if (a.y_is_bf16) {
+                add_bf16x8(acc, raw[u]);
+              } else {
+                const float* f = reinterpret_cast<const float*>(&raw[u]);
+                acc[0] += f[0], acc[1] += f[1], acc[2] += f[2], acc[3] += f[3];
+              }
+            }
+          }
+        }
+        float4* o = reinterpret_cast<float4*>(out + j * per_vec);
+        o[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+        if (a.y_is_bf16) o[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+      }
+    } else {
+      for (int i = lane; i < a.row_elems; i += 32) {
+        float acc = 0.f;
+        uint64_t m = mask;
+        while (m) {
+          const int r = __ffsll(static_cast<long long>(m)) - 1;
+          m &= m - 1;
+          const uint8_t* row = comb + (static_cast<size_t>(r) * T_max + t) * v.layout.max_row_bytes;
+          acc += a.y_is_bf16 ? __bfloat162float(ld_peer_written(reinterpret_cast<const __nv_bfloat16*>(row) + i))
+                             : ld_peer_written(reinterpret_cast<const float*>(row) + i);
+        }
+        out[i] = acc;
+      }
+    }
+  }
+}
+
+int grid_for(int num_blocks, int work_warps) {
+  const int needed = (work_warps + kWarps - 1) / kWarps;
+  return num_blocks < 1 ? 1 : (needed < num_blocks ? (needed < 1 ? 1 : needed) : num_blocks);
+}
+
+}  // namespace
+
+const char* wait_phase_name(int phase) {
+  switch (phase) {
+    case kPhaseDispatchNotify: return "dispatch (count exchange)";
+    case kPhaseDispatchRecv: return "dispatch (receive)";
+    case kPhaseCachedEnter: return "cached dispatch (enter barrier)";
+    case kPhaseCombineEnter: return "combine (enter barrier)";
+    case kPhaseCombineRecv: return "combine (receive)";
+    default: return "unknown phase";
+  }
+}
+
+IntranodeLayout make_intranode_layout(int num_ranks, int capacity, int max_tokens, int num_topk, int max_row_bytes,
+                                      int max_scale_bytes) {
+  IntranodeLayout l;
+  l.num_ranks = num_ranks;
+  l.capacity = capacity;
+  l.max_tokens = max_tokens;
+  l.num_topk = num_topk;
+  l.max_row_bytes = (max_row_bytes + 15) / 16 * 16;
+  l.max_scale_bytes = (max_scale_bytes + 15) / 16 * 16;
+  size_t off = 0;
+  auto take = [&off](size_t bytes) {
+    const size_t at = off;
+    off = (off + bytes + 255) / 256 * 256;  // every area 256-byte aligned
+    return at;
+  };
+  const size_t R = num_ranks, C = capacity, T = max_tokens, K = num_topk;
+  l.epoch = take(8);
+  l.block_counter = take(8);
+  l.enter_flags = take(8 * R);
+  l.done_flags = take(8 * R);
+  l.counts = take(4 * 2 * R * R);
+  l.recv_x = take(C * l.max_row_bytes);
+  l.recv_scales = take(C * l.max_scale_bytes);
+  l.recv_idx = take(4 * C * K);
+  l.recv_w = take(4 * C * K);
+  l.recv_src = take(4 * C);
+  l.comb = take(R * T * l.max_row_bytes);
+  l.total = off;
+  return l;
+}
+
+cudaError_t launch_dispatch(const PeerView& view, const DispatchArgs& args, int num_blocks, cudaStream_t stream) {
+  notify_dispatch_kernel<<<1, kNotifyThreads, 0, stream>>>(view, args);
+  dispatch_send_kernel<<<grid_for(num_blocks, args.num_tokens), kThreads, 0, stream>>>(
+      view, args.in, args.topk_idx, args.topk_weights, args.send_slot, args.num_tokens, args.num_experts);
+  const int E_loc = args.num_experts / view.layout.num_ranks;
+  dispatch_recv_kernel<<<grid_for(num_blocks, view.layout.capacity), kThreads, E_loc * sizeof(int), stream>>>(
+      view, args, args.out_stats, kPhaseDispatchRecv);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_cached_dispatch(const PeerView& view, const CachedDispatchArgs& args, int num_blocks,
+                                   cudaStream_t stream) {
+  enter_barrier_kernel<<<1, kMaxPeers, 0, stream>>>(view, kPhaseCachedEnter);
+  dispatch_send_kernel<<<grid_for(num_blocks, args.num_tokens), kThreads, 0, stream>>>(
+      view, args.in, nullptr, nullptr, args.send_slot, args.num_tokens, 0);
+  DispatchArgs recv;
+  recv.in = args.in;
+  recv.in.scales = nullptr;
+  recv.out_x = args.out_x;
+  dispatch_recv_kernel<<<grid_for(num_blocks, view.layout.capacity), kThreads, 0, stream>>>(view, recv, args.stats,
+                                                                                           kPhaseDispatchRecv);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_combine(const PeerView& view, const CombineArgs& args, int num_blocks, cudaStream_t stream) {
+  enter_barrier_kernel<<<1, kMaxPeers, 0, stream>>>(view, kPhaseCombineEnter);
+  const int row_bytes = args.row_elems * (args.y_is_bf16 ? 2 : 4);
+  combine_send_kernel<<<grid_for(num_blocks, view.layout.capacity), kThreads, 0, stream>>>(view, args, row_bytes);
+  combine_recv_kernel<<<grid_for(num_blocks, args.num_tokens), kThreads, 0, stream>>>(view, args);
+  return cudaGetLastError();
+}
+
+}  // namespace jax_ep

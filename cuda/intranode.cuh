@@ -1,0 +1,125 @@
+// Intranode (load/store peers: NVLink, or one GPU shared by several processes) normal-mode
+// dispatch / combine. Host-side declarations, included by the FFI handlers.
+//
+// Every rank owns one block of communication memory with the layout below; peers write into it
+// through peer pointers (CUDA IPC or in-process peer access). An op is: an "enter" barrier (which for
+// dispatch also carries each rank's per-destination counts), the sends (every sender writes each
+// token straight into its final slot in the receiver's staging area), a "done" signal per peer, and
+// the receive (a copy from the staging area into XLA's output buffers). Flags carry a per-rank op
+// counter (epoch), so nothing is ever reset and consecutive ops cannot be confused.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace jax_ep {
+
+inline constexpr int kMaxPeers = 64;  // ranks of one load/store group (a 64-bit rank mask)
+
+struct IntranodeLayout {
+  int num_ranks = 0;
+  int capacity = 0;         // C: staging rows per rank
+  int max_tokens = 0;       // T_max per rank
+  int num_topk = 0;         // K
+  int max_row_bytes = 0;    // widest payload row (f32 x H)
+  int max_scale_bytes = 0;  // fp8 scales row (H / 128 floats)
+  // Byte offsets inside one rank's block.
+  size_t epoch = 0;          // u64: ops this rank has started (local only)
+  size_t block_counter = 0;  // u32[2]: last-block detection (local only)
+  size_t enter_flags = 0;    // u64[R]: epoch at which rank s entered its op (written by s)
+  size_t done_flags = 0;     // u64[R]: epoch at which rank s finished writing here (written by s)
+  size_t counts = 0;         // i32[2][R][R]: rank s's tokens per destination, by op parity
+  size_t recv_x = 0;         // u8[C][max_row_bytes]
+  size_t recv_scales = 0;    // u8[C][max_scale_bytes]
+  size_t recv_idx = 0;       // i32[C][K]: global expert ids (-1 = none)
+  size_t recv_w = 0;         // f32[C][K]
+  size_t recv_src = 0;       // i32[C]: source rank * T_max + source token
+  size_t comb = 0;           // u8[R][T_max][max_row_bytes]: combine rows from rank r for my token t
+  size_t total = 0;
+};
+
+IntranodeLayout make_intranode_layout(int num_ranks, int capacity, int max_tokens, int num_topk,
+                                      int max_row_bytes, int max_scale_bytes);
+
+// What a kernel needs to reach its peers. `peers` is a device array of num_ranks base pointers
+// (peers[rank] is this rank's own block).
+struct PeerView {
+  uint8_t* local = nullptr;
+  uint8_t* const* peers = nullptr;
+  int rank = 0;
+  IntranodeLayout layout;
+  unsigned long long timeout_ns = 0;
+  int* diag = nullptr;  // host-mapped i32[4]: {phase + 1, rank, peer, 0} of the first timeout
+};
+
+// Wait phases, reported by timeouts.
+enum WaitPhase : int {
+  kPhaseDispatchNotify = 0,
+  kPhaseDispatchRecv = 1,
+  kPhaseCachedEnter = 2,
+  kPhaseCombineEnter = 3,
+  kPhaseCombineRecv = 4,
+};
+const char* wait_phase_name(int phase);
+
+// Row payload shared by dispatch and cached dispatch.
+struct Rows {
+  const void* x = nullptr;       // [T, row_bytes]
+  int row_bytes = 0;             // multiple of 4
+  const void* scales = nullptr;  // [T, scale_bytes] or null
+  int scale_bytes = 0;           // multiple of 4
+};
+
+// Dispatch (rank-major). Outputs are XLA buffers of this rank.
+struct DispatchArgs {
+  Rows in;
+  const int32_t* topk_idx = nullptr;      // [T, K]
+  const float* topk_weights = nullptr;    // [T, K]
+  int num_tokens = 0;
+  int num_experts = 0;
+  int expert_alignment = 1;
+  void* out_x = nullptr;                  // [C, row_bytes]
+  void* out_scales = nullptr;             // [C, scale_bytes] or null
+  int32_t* out_idx = nullptr;             // [C, K] local ids
+  float* out_w = nullptr;                 // [C, K]
+  int32_t* out_tokens_per_expert = nullptr;  // [E_loc]
+  int32_t* out_stats = nullptr;           // [4]: num_recv, overflow, num_invalid_ids, total received
+  bool* is_token_in_rank = nullptr;       // [T, R] (handle)
+  int32_t* send_slot = nullptr;           // [T, R] (handle): slot at rank r, -1 = not sent
+  int32_t* recv_src = nullptr;            // [C] (handle): src rank * T_max + token, -1 = padding
+};
+
+cudaError_t launch_dispatch(const PeerView& view, const DispatchArgs& args, int num_blocks,
+                            cudaStream_t stream);
+
+// Cached dispatch: rows of a new [T, row_bytes] tensor along a handle's routing -> [C, row_bytes].
+struct CachedDispatchArgs {
+  Rows in;
+  int num_tokens = 0;
+  const int32_t* send_slot = nullptr;     // [T, R]
+  const int32_t* recv_src = nullptr;      // [C]
+  const int32_t* stats = nullptr;         // [4] (num_recv first)
+  void* out_x = nullptr;                  // [C, row_bytes]
+};
+
+cudaError_t launch_cached_dispatch(const PeerView& view, const CachedDispatchArgs& args, int num_blocks,
+                                   cudaStream_t stream);
+
+// Combine: received rows y [C, D] (bf16 or f32) back to their sources, summed in f32 over ranks in
+// ascending order -> out [T, D] f32.
+struct CombineArgs {
+  const void* y = nullptr;
+  bool y_is_bf16 = true;
+  int row_elems = 0;                      // D
+  int num_tokens = 0;
+  const int32_t* send_slot = nullptr;     // [T, R]
+  const int32_t* recv_src = nullptr;      // [C]
+  const int32_t* stats = nullptr;         // [4]
+  float* out = nullptr;                   // [T, D]
+};
+
+cudaError_t launch_combine(const PeerView& view, const CombineArgs& args, int num_blocks, cudaStream_t stream);
+
+}  // namespace jax_ep

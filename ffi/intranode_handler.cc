@@ -1,0 +1,212 @@
+// XLA FFI handlers of the intranode normal mode: jax_ep_dispatch, jax_ep_cached_dispatch, jax_ep_combine.
+// Each validates shapes against the communication buffer it names (attribute `uid`) and launches; the
+// kernels (cuda/intranode.cu) compute. No allocation, no host synchronisation: command-buffer safe.
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <string>
+
+#include "cuda/intranode.cuh"
+#include "ffi/handlers.h"
+#include "ffi/runtime.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace jax_ep {
+namespace {
+
+ffi::Error Fail(const char* target, const std::string& what) {
+  return ffi::Error::InvalidArgument(std::string(target) + ": " + what);
+}
+
+ffi::Error Launched(const char* target, cudaError_t err) {
+  if (err == cudaSuccess) return ffi::Error::Success();
+  return ffi::Error::Internal(std::string(target) + ": kernel launch failed: " + cudaGetErrorName(err) + ": " +
+                              cudaGetErrorString(err));
+}
+
+// Bytes of one row of a [rows, ...] buffer; -1 if not rank 2.
+int64_t RowBytes(const ffi::AnyBuffer& b) {
+  const auto d = b.dimensions();
+  if (d.size() != 2) return -1;
+  return d[1] * static_cast<int64_t>(ffi::ByteWidth(b.element_type()));
+}
+
+int64_t Rows(const ffi::AnyBuffer& b) { return b.dimensions().size() ? b.dimensions()[0] : 0; }
+
+constexpr const char* kDispatch = "jax_ep_dispatch";
+constexpr const char* kCached = "jax_ep_cached_dispatch";
+constexpr const char* kCombine = "jax_ep_combine";
+
+ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, ffi::AnyBuffer scales,
+                        ffi::Buffer<ffi::S32> topk_idx, ffi::Buffer<ffi::F32> topk_weights, int64_t uid,
+                        int64_t num_experts, int64_t expert_alignment, ffi::Result<ffi::AnyBuffer> out_x,
+                        ffi::Result<ffi::AnyBuffer> out_scales, ffi::ResultBuffer<ffi::S32> out_idx,
+                        ffi::ResultBuffer<ffi::F32> out_w, ffi::ResultBuffer<ffi::S32> tokens_per_expert,
+                        ffi::ResultBuffer<ffi::S32> stats, ffi::ResultBuffer<ffi::PRED> is_token_in_rank,
+                        ffi::ResultBuffer<ffi::S32> send_slot, ffi::ResultBuffer<ffi::S32> recv_src) {
+  int num_blocks = 0;
+  std::string error;
+  const PeerView* view = runtime_view(uid, device, &num_blocks, &error);
+  if (view == nullptr) return Fail(kDispatch, error);
+  const IntranodeLayout& l = view->layout;
+  const int64_t T = Rows(x), row_bytes = RowBytes(x), scale_bytes = RowBytes(scales);
+  const auto idx_dims = topk_idx.dimensions();
+  if (row_bytes <= 0 || row_bytes % 4 || row_bytes > l.max_row_bytes) {
+    return Fail(kDispatch, "x rows must be 2-D, a multiple of 4 bytes and at most " + std::to_string(l.max_row_bytes) +
+                               " bytes, got " + std::to_string(row_bytes));
+  }
+  if (T > l.max_tokens) return Fail(kDispatch, std::to_string(T) + " tokens exceed max_tokens_per_rank");
+  if (scale_bytes < 0 || scale_bytes % 4 || scale_bytes > l.max_scale_bytes || Rows(scales) != T) {
+    return Fail(kDispatch, "scales must be [T, n] float32 within the buffer's scale row");
+  }
+  if (idx_dims.size() != 2 || idx_dims[0] != T || idx_dims[1] != l.num_topk ||
+      topk_weights.dimensions().size() != 2 || topk_weights.dimensions()[0] != T ||
+      topk_weights.dimensions()[1] != l.num_topk) {
+    return Fail(kDispatch, "topk_idx / topk_weights must be [T, K] with K = the buffer's num_topk");
+  }
+  if (num_experts <= 0 || num_experts % l.num_ranks || expert_alignment < 1) {
+    return Fail(kDispatch, "num_experts must be a positive multiple of num_ranks, expert_alignment >= 1");
+  }
+  if (Rows(*out_x) != l.capacity || RowBytes(*out_x) != row_bytes || Rows(*out_scales) != l.capacity ||
+      RowBytes(*out_scales) != scale_bytes || out_idx->dimensions()[0] != l.capacity ||
+      tokens_per_expert->element_count() != static_cast<size_t>(num_experts / l.num_ranks) ||
+      stats->element_count() != 4 || send_slot->element_count() != static_cast<size_t>(T * l.num_ranks) ||
+      recv_src->element_count() != static_cast<size_t>(l.capacity)) {
+    return Fail(kDispatch, "result shapes do not match the buffer's capacity / ranks");
+  }
+  DispatchArgs a;
+  a.in.x = x.untyped_data();
+  a.in.row_bytes = static_cast<int>(row_bytes);
+  a.in.scales = scale_bytes > 0 ? scales.untyped_data() : nullptr;
+  a.in.scale_bytes = static_cast<int>(scale_bytes);
+  a.topk_idx = topk_idx.typed_data();
+  a.topk_weights = topk_weights.typed_data();
+  a.num_tokens = static_cast<int>(T);
+  a.num_experts = static_cast<int>(num_experts);
+  a.expert_alignment = static_cast<int>(expert_alignment);
+  a.out_x = out_x->untyped_data();
+  a.out_scales = scale_bytes > 0 ? out_scales->untyped_data() : nullptr;
+  a.out_idx = out_idx->typed_data();
+  a.out_w = out_w->typed_data();
+  a.out_tokens_per_expert = tokens_per_expert->typed_data();
+  a.out_stats = stats->typed_data();
+  a.is_token_in_rank = is_token_in_rank->typed_data();
+  a.send_slot = send_slot->typed_data();
+  a.recv_src = recv_src->typed_data();
+  return Launched(kDispatch, launch_dispatch(*view, a, num_blocks, stream));
+}
+
+ffi::Error CachedDispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> send_slot,
+                              ffi::Buffer<ffi::S32> recv_src, ffi::Buffer<ffi::S32> stats, int64_t uid,
+                              ffi::Result<ffi::AnyBuffer> out_x) {
+  int num_blocks = 0;
+  std::string error;
+  const PeerView* view = runtime_view(uid, device, &num_blocks, &error);
+  if (view == nullptr) return Fail(kCached, error);
+  const IntranodeLayout& l = view->layout;
+  const int64_t T = Rows(x), row_bytes = RowBytes(x);
+  if (row_bytes <= 0 || row_bytes % 4 || row_bytes > l.max_row_bytes || T > l.max_tokens) {
+    return Fail(kCached, "x must be [T <= T_max, D] with rows a multiple of 4 bytes within the buffer's row");
+  }
+  if (send_slot.element_count() != static_cast<size_t>(T * l.num_ranks) ||
+      recv_src.element_count() != static_cast<size_t>(l.capacity) || stats.element_count() != 4 ||
+      Rows(*out_x) != l.capacity || RowBytes(*out_x) != row_bytes) {
+    return Fail(kCached, "handle / result shapes do not match the buffer");
+  }
+  CachedDispatchArgs a;
+  a.in.x = x.untyped_data();
+  a.in.row_bytes = static_cast<int>(row_bytes);
+  a.num_tokens = static_cast<int>(T);
+  a.send_slot = send_slot.typed_data();
+  a.recv_src = recv_src.typed_data();
+  a.stats = stats.typed_data();
+  a.out_x = out_x->untyped_data();
+  return Launched(kCached, launch_cached_dispatch(*view, a, num_blocks, stream));
+}
+
+ffi::Error CombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y, ffi::Buffer<ffi::S32> send_slot,
+                       ffi::Buffer<ffi::S32> recv_src, ffi::Buffer<ffi::S32> stats, int64_t uid,
+                       ffi::ResultBuffer<ffi::F32> out) {
+  int num_blocks = 0;
+  std::string error;
+  const PeerView* view = runtime_view(uid, device, &num_blocks, &error);
+  if (view == nullptr) return Fail(kCombine, error);
+  const IntranodeLayout& l = view->layout;
+  const bool bf16 = y.element_type() == ffi::DataType::BF16;
+  if (!bf16 && y.element_type() != ffi::DataType::F32) return Fail(kCombine, "y must be bfloat16 or float32");
+  const int64_t row_bytes = RowBytes(y);
+  if (Rows(y) != l.capacity || row_bytes <= 0 || row_bytes % 4 || row_bytes > l.max_row_bytes) {
+    return Fail(kCombine, "y must be [capacity, D] with rows a multiple of 4 bytes within the buffer's row");
+  }
+  const auto slot_dims = send_slot.dimensions();
+  if (slot_dims.size() != 2 || slot_dims[1] != l.num_ranks || slot_dims[0] > l.max_tokens ||
+      recv_src.element_count() != static_cast<size_t>(l.capacity) || stats.element_count() != 4) {
+    return Fail(kCombine, "handle shapes do not match the buffer");
+  }
+  const int64_t T = slot_dims[0], D = y.dimensions()[1];
+  if (out->dimensions().size() != 2 || out->dimensions()[0] != T || out->dimensions()[1] != D) {
+    return Fail(kCombine, "result must be [T, D] float32");
+  }
+  CombineArgs a;
+  a.y = y.untyped_data();
+  a.y_is_bf16 = bf16;
+  a.row_elems = static_cast<int>(D);
+  a.num_tokens = static_cast<int>(T);
+  a.send_slot = send_slot.typed_data();
+  a.recv_src = recv_src.typed_data();
+  a.stats = stats.typed_data();
+  a.out = out->typed_data();
+  return Launched(kCombine, launch_combine(*view, a, num_blocks, stream));
+}
+
+}  // namespace
+}  // namespace jax_ep
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpDispatch, jax_ep::DispatchImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::AnyBuffer>()            // x [T, H] (bf16 / f32 / fp8)
+                                  .Arg<ffi::AnyBuffer>()            // scales [T, S] f32 (S = 0: none)
+                                  .Arg<ffi::Buffer<ffi::S32>>()     // topk_idx [T, K]
+                                  .Arg<ffi::Buffer<ffi::F32>>()     // topk_weights [T, K]
+                                  .Attr<int64_t>("uid")
+                                  .Attr<int64_t>("num_experts")
+                                  .Attr<int64_t>("expert_alignment")
+                                  .Ret<ffi::AnyBuffer>()            // x [C, H]
+                                  .Ret<ffi::AnyBuffer>()            // scales [C, S]
+                                  .Ret<ffi::Buffer<ffi::S32>>()     // topk_idx [C, K] (local)
+                                  .Ret<ffi::Buffer<ffi::F32>>()     // topk_weights [C, K]
+                                  .Ret<ffi::Buffer<ffi::S32>>()     // tokens_per_expert [E_loc]
+                                  .Ret<ffi::Buffer<ffi::S32>>()     // stats [4]
+                                  .Ret<ffi::Buffer<ffi::PRED>>()    // is_token_in_rank [T, R]
+                                  .Ret<ffi::Buffer<ffi::S32>>()     // send_slot [T, R]
+                                  .Ret<ffi::Buffer<ffi::S32>>(),    // recv_src [C]
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpCachedDispatch, jax_ep::CachedDispatchImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::AnyBuffer>()            // x [T, D]
+                                  .Arg<ffi::Buffer<ffi::S32>>()     // send_slot [T, R]
+                                  .Arg<ffi::Buffer<ffi::S32>>()     // recv_src [C]
+                                  .Arg<ffi::Buffer<ffi::S32>>()     // stats [4]
+                                  .Attr<int64_t>("uid")
+                                  .Ret<ffi::AnyBuffer>(),           // x [C, D]
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpCombine, jax_ep::CombineImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::AnyBuffer>()            // y [C, D] bf16 / f32
+                                  .Arg<ffi::Buffer<ffi::S32>>()     // send_slot [T, R]
+                                  .Arg<ffi::Buffer<ffi::S32>>()     // recv_src [C]
+                                  .Arg<ffi::Buffer<ffi::S32>>()     // stats [4]
+                                  .Attr<int64_t>("uid")
+                                  .Ret<ffi::Buffer<ffi::F32>>(),    // out [T, D] f32
+                              {ffi::Traits::kCmdBufferCompatible});

@@ -1,0 +1,137 @@
+// nanobind module jax_ep._C: hands the XLA FFI handlers to Python.
+//
+//   registrations() -> {target_name: PyCapsule(XLA_FFI_Handler*)}
+//   build_info()    -> {str: str} (what this extension was built with)
+//
+// jax_ep/_cuda.py registers each capsule with
+// jax.ffi.register_ffi_target(name, capsule, platform="CUDA").
+
+#include <cuda_runtime_api.h>
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
+#include <nanobind/stl/vector.h>
+
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <vector>
+#include <type_traits>
+
+#include "ffi/handlers.h"
+#include "ffi/runtime.h"
+#include "xla/ffi/api/c_api.h"
+
+#if __has_include("non_abi/nvshmem_version.h")
+#include "non_abi/nvshmem_version.h"
+#endif
+
+namespace nb = nanobind;
+
+#define JAX_EP_STR_(x) #x
+#define JAX_EP_STR(x) JAX_EP_STR_(x)
+
+#ifndef JAX_EP_CUDA_ARCHS
+#define JAX_EP_CUDA_ARCHS "unknown"
+#endif
+#ifndef JAX_EP_BUILD_JAXLIB_VERSION
+#define JAX_EP_BUILD_JAXLIB_VERSION "unknown"
+#endif
+#ifndef JAX_EP_CUDA_COMPILER_VERSION
+#define JAX_EP_CUDA_COMPILER_VERSION "unknown"
+#endif
+
+namespace {
+
+template <typename Fn>
+nb::capsule Capsule(Fn* fn) {
+  static_assert(std::is_invocable_r_v<XLA_FFI_Error*, Fn, XLA_FFI_CallFrame*>,
+                "not an XLA FFI handler");
+  return nb::capsule(reinterpret_cast<void*>(fn));
+}
+
+nb::dict Registrations() {
+  nb::dict d;
+  d[nb::str("jax_ep_get_dispatch_layout")] = Capsule(JaxEpGetDispatchLayout);
+  d[nb::str("jax_ep_dispatch")] = Capsule(JaxEpDispatch);
+  d[nb::str("jax_ep_cached_dispatch")] = Capsule(JaxEpCachedDispatch);
+  d[nb::str("jax_ep_combine")] = Capsule(JaxEpCombine);
+  return d;
+}
+
+nb::dict BuildInfo() {
+  nb::dict d;
+  auto set = [&d](const char* key, const std::string& value) {
+    d[key] = nb::str(value.c_str(), value.size());
+  };
+  set("cuda_archs", JAX_EP_CUDA_ARCHS);
+  set("cuda_runtime_version", std::to_string(CUDART_VERSION / 1000) + "." +
+                                  std::to_string((CUDART_VERSION % 1000) / 10));
+  set("cuda_compiler_version", JAX_EP_CUDA_COMPILER_VERSION);
+#ifdef NVSHMEM_VENDOR_MAJOR_VERSION
+  set("nvshmem_version", JAX_EP_STR(NVSHMEM_VENDOR_MAJOR_VERSION) "." JAX_EP_STR(
+                             NVSHMEM_VENDOR_MINOR_VERSION) "." JAX_EP_STR(
+                             NVSHMEM_VENDOR_PATCH_VERSION));
+#else
+  set("nvshmem_version", "unknown");
+#endif
+  set("xla_ffi_api_version",
+      JAX_EP_STR(XLA_FFI_API_MAJOR) "." JAX_EP_STR(XLA_FFI_API_MINOR));
+  set("jaxlib_version", JAX_EP_BUILD_JAXLIB_VERSION);  // source of the XLA FFI headers
+  return d;
+}
+
+jax_ep::IntranodeLayout Layout(int num_ranks, int capacity, int max_tokens, int num_topk, int max_row_bytes,
+                               int max_scale_bytes) {
+  if (num_ranks < 1 || num_ranks > jax_ep::kMaxPeers) {
+    throw std::invalid_argument("jax_ep: the intranode kernels support 1.." + std::to_string(jax_ep::kMaxPeers) +
+                                " ranks, got " + std::to_string(num_ranks));
+  }
+  if (capacity < 1 || max_tokens < 1 || num_topk < 1 || max_row_bytes < 4 || max_scale_bytes < 0) {
+    throw std::invalid_argument("jax_ep: invalid intranode buffer configuration");
+  }
+  return jax_ep::make_intranode_layout(num_ranks, capacity, max_tokens, num_topk, max_row_bytes, max_scale_bytes);
+}
+
+std::tuple<uintptr_t, nb::bytes, size_t> IntranodeAlloc(int64_t uid, int device, int num_ranks, int capacity,
+                                                        int max_tokens, int num_topk, int max_row_bytes,
+                                                        int max_scale_bytes) {
+  auto r = jax_ep::runtime_alloc(
+      uid, device, Layout(num_ranks, capacity, max_tokens, num_topk, max_row_bytes, max_scale_bytes));
+  return {r.ptr, nb::bytes(r.ipc_handle.data(), r.ipc_handle.size()), r.bytes};
+}
+
+void IntranodeOpen(int64_t uid, int device, int rank, const std::vector<uintptr_t>& ptrs,
+                   const std::vector<nb::bytes>& handles, const std::vector<int>& peer_devices, double timeout_s,
+                   int num_blocks) {
+  std::vector<std::string> h;
+  for (const auto& b : handles) h.emplace_back(b.c_str(), b.size());
+  jax_ep::runtime_open(uid, device, rank, ptrs, h, peer_devices, timeout_s, num_blocks);
+}
+
+}  // namespace
+
+NB_MODULE(_C, m) {
+  m.doc() = "jax_ep CUDA extension: XLA FFI handlers for expert-parallel communication";
+  m.def("registrations", &Registrations,
+        "Dict {target_name: PyCapsule} of the XLA FFI handlers (platform CUDA).");
+  m.def("build_info", &BuildInfo,
+        "Dict describing how this extension was built (CUDA archs, versions).");
+  m.def("intranode_bytes",
+        [](int num_ranks, int capacity, int max_tokens, int num_topk, int max_row_bytes, int max_scale_bytes) {
+          return Layout(num_ranks, capacity, max_tokens, num_topk, max_row_bytes, max_scale_bytes).total;
+        },
+        nb::arg("num_ranks"), nb::arg("capacity"), nb::arg("max_tokens"), nb::arg("num_topk"),
+        nb::arg("max_row_bytes"), nb::arg("max_scale_bytes"),
+        "Bytes of one rank's intranode communication memory for this configuration.");
+  m.def("intranode_alloc", &IntranodeAlloc, nb::arg("uid"), nb::arg("device"), nb::arg("num_ranks"),
+        nb::arg("capacity"), nb::arg("max_tokens"), nb::arg("num_topk"), nb::arg("max_row_bytes"),
+        nb::arg("max_scale_bytes"),
+        "Allocate (cudaMalloc, zeroed) this rank's communication memory: (pointer, CUDA IPC handle, bytes).");
+  m.def("intranode_open", &IntranodeOpen, nb::arg("uid"), nb::arg("device"), nb::arg("rank"), nb::arg("ptrs"),
+        nb::arg("handles"), nb::arg("peer_devices"), nb::arg("timeout_s"), nb::arg("num_blocks"),
+        "Build the peer table (in-process pointers or IPC handles) and make the buffer usable by the kernels.");
+  m.def("intranode_close", &jax_ep::runtime_close, nb::arg("uid"), "Free the buffer on every local device.");
+  m.def("intranode_diagnostics", &jax_ep::runtime_diagnostics, nb::arg("uid"),
+        "The first device-side timeout recorded for this buffer ('' if none).");
+}

@@ -1,0 +1,194 @@
+#include "ffi/runtime.h"
+
+#include <cuda_runtime_api.h>
+
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <utility>
+
+namespace jax_ep {
+namespace {
+
+struct GroupState {
+  int device = 0;
+  IntranodeLayout layout;
+  uint8_t* local = nullptr;
+  uint8_t** peers_dev = nullptr;
+  std::vector<void*> ipc_opened;
+  int* diag_host = nullptr;
+  PeerView view;
+  int num_blocks = 0;
+  bool open = false;
+};
+
+std::mutex g_mutex;
+std::map<std::pair<int64_t, int>, std::unique_ptr<GroupState>> g_groups;
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("jax_ep runtime: ") + what + ": " + cudaGetErrorName(err) + ": " +
+                             cudaGetErrorString(err));
+  }
+}
+
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    check(cudaGetDevice(&previous_), "cudaGetDevice");
+    check(cudaSetDevice(device), "cudaSetDevice");
+  }
+  ~DeviceGuard() { cudaSetDevice(previous_); }
+
+ private:
+  int previous_ = 0;
+};
+
+void release(GroupState& g) {
+  DeviceGuard guard(g.device);
+  cudaDeviceSynchronize();  // no kernel of ours may still use the memory
+  for (void* p : g.ipc_opened) cudaIpcCloseMemHandle(p);
+  if (g.peers_dev) cudaFree(g.peers_dev);
+  if (g.local) cudaFree(g.local);
+  if (g.diag_host) cudaFreeHost(g.diag_host);
+}
+
+}  // namespace
+
+AllocResult runtime_alloc(int64_t uid, int device, const IntranodeLayout& layout) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  auto key = std::make_pair(uid, device);
+  if (g_groups.count(key)) throw std::runtime_error("jax_ep runtime: buffer already allocated on this device");
+  auto g = std::make_unique<GroupState>();
+  g->device = device;
+  g->layout = layout;
+  DeviceGuard guard(device);
+  void* mem = nullptr;
+  check(cudaMalloc(&mem, layout.total), "cudaMalloc of the communication buffer");
+  g->local = static_cast<uint8_t*>(mem);
+  check(cudaMemset(mem, 0, layout.total), "cudaMemset");
+  check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  cudaIpcMemHandle_t handle;
+  check(cudaIpcGetMemHandle(&handle, mem), "cudaIpcGetMemHandle");
+  check(cudaHostAlloc(reinterpret_cast<void**>(&g->diag_host), 4 * sizeof(int), cudaHostAllocMapped),
+        "cudaHostAlloc (diagnostics)");
+  std::memset(g->diag_host, 0, 4 * sizeof(int));
+  AllocResult result;
+  result.ptr = reinterpret_cast<uintptr_t>(mem);
+  result.ipc_handle.assign(reinterpret_cast<const char*>(&handle), sizeof(handle));
+  result.bytes = layout.total;
+  g_groups[key] = std::move(g);
+  return result;
+}
+
+void runtime_open(int64_t uid, int device, int rank, const std::vector<uintptr_t>& peer_ptrs,
+                  const std::vector<std::string>& peer_handles, const std::vector<int>& peer_devices,
+                  double timeout_s, int num_blocks) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  auto it = g_groups.find(std::make_pair(uid, device));
+  if (it == g_groups.end()) throw std::runtime_error("jax_ep runtime: open before alloc");
+  GroupState& g = *it->second;
+  const int R = g.layout.num_ranks;
+  if (static_cast<int>(peer_ptrs.size()) != R || static_cast<int>(peer_handles.size()) != R ||
+      static_cast<int>(peer_devices.size()) != R || rank < 0 || rank >= R) {
+    throw std::runtime_error("jax_ep runtime: peer table does not match num_ranks");
+  }
+  DeviceGuard guard(device);
+  std::vector<uint8_t*> peers(R, nullptr);
+  for (int r = 0; r < R; ++r) {
+    if (r == rank) {
+      peers[r] = g.local;
+    } else if (peer_devices[r] >= 0) {  // same process
+      if (peer_devices[r] != device) {
+        int can = 0;
+        check(cudaDeviceCanAccessPeer(&can, device, peer_devices[r]), "cudaDeviceCanAccessPeer");
+        if (!can) {
+          throw std::runtime_error("jax_ep runtime: device " + std::to_string(device) + " cannot access peer device " +
+                                   std::to_string(peer_devices[r]) + " (no P2P/NVLink path)");
+        }
+        const cudaError_t err = cudaDeviceEnablePeerAccess(peer_devices[r], 0);
+        if (err == cudaErrorPeerAccessAlreadyEnabled) {
+          cudaGetLastError();
+        } else {
+          check(err, "cudaDeviceEnablePeerAccess");
+        }
+      }
+      peers[r] = reinterpret_cast<uint8_t*>(peer_ptrs[r]);
+    } else {
+      if (peer_handles[r].size() != sizeof(cudaIpcMemHandle_t)) {
+        throw std::runtime_error("jax_ep runtime: malformed IPC handle for rank " + std::to_string(r));
+      }
+      cudaIpcMemHandle_t handle;
+      std::memcpy(&handle, peer_handles[r].data(), sizeof(handle));
+      void* p = nullptr;
+      check(cudaIpcOpenMemHandle(&p, handle, cudaIpcMemLazyEnablePeerAccess),
+            ("cudaIpcOpenMemHandle for rank " + std::to_string(r)).c_str());
+      g.ipc_opened.push_back(p);
+      peers[r] = static_cast<uint8_t*>(p);
+    }
+  }
+  check(cudaMalloc(reinterpret_cast<void**>(&g.peers_dev), R * sizeof(uint8_t*)), "cudaMalloc (peer table)");
+  check(cudaMemcpy(g.peers_dev, peers.data(), R * sizeof(uint8_t*), cudaMemcpyHostToDevice), "cudaMemcpy");
+  int* diag_dev = nullptr;
+  check(cudaHostGetDevicePointer(reinterpret_cast<void**>(&diag_dev), g.diag_host, 0), "cudaHostGetDevicePointer");
+  g.view.local = g.local;
+  g.view.peers = g.peers_dev;
+  g.view.rank = rank;
+  g.view.layout = g.layout;
+  g.view.timeout_ns = static_cast<unsigned long long>(timeout_s * 1e9);
+  g.view.diag = diag_dev;
+  if (num_blocks <= 0) {
+    int sms = 0;
+    check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+    num_blocks = sms;
+  }
+  g.num_blocks = num_blocks;
+  g.open = true;
+}
+
+void runtime_close(int64_t uid) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  for (auto it = g_groups.begin(); it != g_groups.end();) {
+    if (it->first.first == uid) {
+      release(*it->second);
+      it = g_groups.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
+std::string runtime_diagnostics(int64_t uid) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  for (auto& [key, g] : g_groups) {
+    if (key.first != uid || g->diag_host == nullptr) continue;
+    volatile int* d = g->diag_host;
+    if (d[0] != 0) {
+      return "rank " + std::to_string(d[1]) + " timed out waiting for rank " + std::to_string(d[2]) + " in " +
+             wait_phase_name(d[0] - 1);
+    }
+  }
+  return "";
+}
+
+const PeerView* runtime_view(int64_t uid, int device, int* num_blocks, std::string* error) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  auto it = g_groups.find(std::make_pair(uid, device));
+  if (it == g_groups.end() || !it->second->open) {
+    *error = "no jax_ep communication buffer " + std::to_string(uid) + " on device " + std::to_string(device) +
+             " (was the Buffer closed, or built for another mesh?)";
+    return nullptr;
+  }
+  volatile int* d = it->second->diag_host;
+  if (d[0] != 0) {
+    *error = "an earlier call failed: rank " + std::to_string(d[1]) + " timed out waiting for rank " +
+             std::to_string(d[2]) + " in " + wait_phase_name(d[0] - 1);
+    return nullptr;
+  }
+  *num_blocks = it->second->num_blocks;
+  return &it->second->view;
+}
+
+}  // namespace jax_ep

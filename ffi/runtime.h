@@ -1,0 +1,37 @@
+// Communication runtime of the load/store (intranode) modes: per (buffer uid, device) state holding the
+// communication memory, the peers' pointers and the host-mapped diagnostics word. Python creates it
+// once per jax_ep.Buffer (ffi/module.cc); handlers look it up by (uid attribute, device ordinal).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "cuda/intranode.cuh"
+
+namespace jax_ep {
+
+struct AllocResult {
+  uintptr_t ptr = 0;
+  std::string ipc_handle;  // cudaIpcMemHandle_t bytes
+  size_t bytes = 0;
+};
+
+// Allocate and zero this rank's communication memory on `device`.
+AllocResult runtime_alloc(int64_t uid, int device, const IntranodeLayout& layout);
+
+// Make the peer table. For each rank r: peer_devices[r] >= 0 means an in-process allocation on that
+// device (peer_ptrs[r]); otherwise peer_handles[r] is a CUDA IPC handle from another process.
+void runtime_open(int64_t uid, int device, int rank, const std::vector<uintptr_t>& peer_ptrs,
+                  const std::vector<std::string>& peer_handles, const std::vector<int>& peer_devices,
+                  double timeout_s, int num_blocks);
+
+void runtime_close(int64_t uid);
+
+// First recorded device-side timeout of this uid on this process: "" if none.
+std::string runtime_diagnostics(int64_t uid);
+
+// For handlers: the peer view of (uid, device); nullptr when unknown. num_blocks receives the SM budget.
+const PeerView* runtime_view(int64_t uid, int device, int* num_blocks, std::string* error);
+
+}  // namespace jax_ep

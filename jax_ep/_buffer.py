@@ -1,0 +1,166 @@
+"""`Buffer`: the static description (and, on GPUs, the owner) of one EP group's communication memory."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import threading
+from typing import Any
+
+import jax
+
+from ._limits import MAX_TOPK
+
+# Mutable run-time state hangs off each Buffer object (not keyed by id(): ids are reused after garbage
+# collection, which would hand a new Buffer a dead one's memory); equality and hash use the config only.
+_STATE_LOCK = threading.Lock()
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Buffer:
+    """Communication buffer of the EP group along ``mesh`` axis ``axis``.
+
+    Static and hashable: pass it (closed over or as a static argument) to ``jit``-ed functions.
+
+    Args:
+      mesh: the device mesh; the EP group is the devices along ``axis``; other axes give independent groups.
+      axis: name of the EP mesh axis (default ``"ep"``).
+      num_experts: E, global expert count; must be a multiple of the axis size R.
+      hidden: H, row width of the dispatched activations.
+      max_tokens_per_rank: T_max, the largest per-rank token count passed to dispatch.
+      num_topk: K, experts per token (1..32 and <= E).
+      max_recv_tokens: C, rank-major receive capacity per rank (default R*T_max: never overflows).
+      max_recv_rows: expert-major receive capacity in (token, expert) rows (default: worst case).
+      low_latency: also size the low-latency (decode) buffers.
+      backend: ``"cuda"``, ``"reference"`` or None (auto: cuda on GPUs when the extension has the op;
+        the ``JAX_EP_BACKEND`` environment variable overrides auto).
+      num_sms: SM budget of the normal-mode kernels (None: the kernels' default).
+      timeout_s: device-side wait limit before a kernel fails the call naming the rank it waited for.
+    """
+
+    mesh: jax.sharding.Mesh
+    axis: str = "ep"
+    _: dataclasses.KW_ONLY
+    num_experts: int
+    hidden: int
+    max_tokens_per_rank: int
+    num_topk: int
+    max_recv_tokens: int | None = None
+    max_recv_rows: int | None = None
+    low_latency: bool = False
+    backend: str | None = None
+    num_sms: int | None = None
+    timeout_s: float = float(os.environ.get("JAX_EP_TIMEOUT_S", "100"))
+
+    def __post_init__(self):
+        object.__setattr__(self, "_runtime_state", {"closed": False})
+        if not isinstance(self.mesh, jax.sharding.Mesh):
+            raise TypeError(f"jax_ep.Buffer: mesh must be a jax.sharding.Mesh, got {type(self.mesh).__name__}")
+        if self.axis not in self.mesh.axis_names:
+            raise ValueError(f"jax_ep.Buffer: axis {self.axis!r} is not a mesh axis {self.mesh.axis_names}")
+        for name in ("num_experts", "hidden", "max_tokens_per_rank", "num_topk"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"jax_ep.Buffer: {name} must be a positive int, got {value!r}")
+        R = self.num_ranks
+        if self.num_experts % R:
+            raise ValueError(
+                f"jax_ep.Buffer: num_experts={self.num_experts} is not divisible by the {R} ranks of axis "
+                f"{self.axis!r}")
+        if self.num_topk > min(MAX_TOPK, self.num_experts):
+            raise ValueError(
+                f"jax_ep.Buffer: num_topk={self.num_topk} too large (at most min({MAX_TOPK}, num_experts))")
+        for name in ("max_recv_tokens", "max_recv_rows", "num_sms"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ValueError(f"jax_ep.Buffer: {name} must be None or a positive int, got {value!r}")
+        if self.backend not in (None, "cuda", "reference"):
+            raise ValueError(f"jax_ep.Buffer: backend must be None, 'cuda' or 'reference', got {self.backend!r}")
+        if not self.timeout_s > 0:
+            raise ValueError("jax_ep.Buffer: timeout_s must be positive")
+
+    # -- identity: the config, not the object (jit caches key on it) ---------------------------------------
+    def _key(self):
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "_")
+
+    def __eq__(self, other):
+        return isinstance(other, Buffer) and self._key() == other._key()
+
+    def __hash__(self):
+        return hash(self._key())
+
+    # -- derived sizes --------------------------------------------------------------------------------------
+    @property
+    def num_ranks(self) -> int:
+        """R: devices along the EP axis."""
+        return int(self.mesh.shape[self.axis])
+
+    @property
+    def num_local_experts(self) -> int:
+        """E_loc = E / R: experts owned by each rank."""
+        return self.num_experts // self.num_ranks
+
+    @property
+    def recv_capacity(self) -> int:
+        """C: rank-major receive rows per rank."""
+        return self.max_recv_tokens or self.num_ranks * self.max_tokens_per_rank
+
+    def expert_major_capacity(self, expert_alignment: int = 1) -> int:
+        """Cx: expert-major receive rows per rank for the given group alignment."""
+        if self.max_recv_rows:
+            return self.max_recv_rows
+        return self.recv_capacity * self.num_topk + self.num_local_experts * (expert_alignment - 1)
+
+    @property
+    def low_latency_slots(self) -> int:
+        """Rows per local expert in the low-latency receive buffer: R * T_max."""
+        return self.num_ranks * self.max_tokens_per_rank
+
+    @property
+    def size_hint(self) -> int:
+        """Bytes of communication memory one rank needs for this config (what the CUDA runtime allocates).
+
+        Normal mode: a receive staging area of C rows of H bf16 + scales + routing metadata, and per-rank
+        counters; low-latency mode: two (double-buffered) send and receive areas sized for E_loc * R * T_max
+        fp8-or-bf16 rows plus counters.
+        """
+        R, H, K = self.num_ranks, self.hidden, self.num_topk
+        row = H * 2 + math.ceil(H / 128) * 4 + K * 8 + 16
+        total = self.recv_capacity * row + 4 * R * R * 16
+        if self.low_latency:
+            total += 2 * (self.max_tokens_per_rank * row + self.num_local_experts * self.low_latency_slots * row)
+        return int(total)
+
+    # -- lifetime -------------------------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        return self._runtime_state
+
+    @property
+    def closed(self) -> bool:
+        return self._state()["closed"]
+
+    def check_open(self):
+        if self.closed:
+            raise RuntimeError("jax_ep: this Buffer was closed; create a new one")
+
+    def close(self):
+        """Release the communication memory (GPU backends); the buffer can no longer be used."""
+        with _STATE_LOCK:
+            state = self._state()
+            runtime = state.pop("runtime", None)
+        if runtime is not None:
+            runtime.close()
+        state["closed"] = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def __repr__(self):
+        return (f"Buffer(axis={self.axis!r}, R={self.num_ranks}, E={self.num_experts}, H={self.hidden}, "
+                f"T_max={self.max_tokens_per_rank}, K={self.num_topk}, C={self.recv_capacity}, "
+                f"low_latency={self.low_latency}, backend={self.backend})")

@@ -1,0 +1,58 @@
+"""CUDA rank-major dispatch / combine / cached dispatch (the intranode kernels) as FFI calls.
+
+Same signatures and semantics as ``jax_ep.reference.normal``; ``cfg.runtime_uid`` names the Buffer's
+communication memory. The handle holds ``is_token_in_rank``, ``send_slot`` (slot of each token at each
+rank, -1 = not sent), ``recv_src`` (source rank * T_max + token per slot) and ``stats``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._cuda import _vary_like as vary_like
+
+_SIDE_EFFECT = dict(has_side_effect=True)  # every rank must run every call: never CSE'd or removed
+
+
+def _call(name, results, *args, **attrs):
+    fn = jax.ffi.ffi_call(name, results, **_SIDE_EFFECT)
+    return fn(*args, **{k: np.int64(v) for k, v in attrs.items()})
+
+
+def rm_dispatch(cfg, x, scales, topk_idx, topk_weights):
+    T, K = topk_idx.shape
+    C, R, E_loc = cfg.token_capacity, cfg.num_ranks, cfg.num_experts // cfg.num_ranks
+    H = x.shape[1]
+    if scales is None:
+        scales_in = jnp.zeros((T, 0), jnp.float32)
+    else:
+        scales_in = scales
+    S = scales_in.shape[1]
+    sds = jax.ShapeDtypeStruct
+    results = (sds((C, H), x.dtype), sds((C, S), jnp.float32), sds((C, K), jnp.int32), sds((C, K), jnp.float32),
+               sds((E_loc,), jnp.int32), sds((4,), jnp.int32), sds((T, R), jnp.bool_), sds((T, R), jnp.int32),
+               sds((C,), jnp.int32))
+    out = _call("jax_ep_dispatch", results, x, scales_in, topk_idx, topk_weights, uid=cfg.runtime_uid,
+                num_experts=cfg.num_experts, expert_alignment=cfg.expert_alignment)
+    rx, rs, ridx, rw, tpe, stats, in_rank, send_slot, recv_src = vary_like(out, topk_idx)
+    handle = dict(is_token_in_rank=in_rank, send_slot=send_slot, recv_src=recv_src, stats=stats)
+    return dict(x=rx, x_scales=None if scales is None else rs, topk_idx=ridx, topk_weights=rw,
+                num_recv=stats[0], tokens_per_expert=tpe, overflow=stats[1], num_invalid_ids=stats[2],
+                group_sizes=None, handle=handle)
+
+
+def rm_combine(cfg, arrays, y):
+    T = arrays["send_slot"].shape[0]
+    y = y if y.dtype in (jnp.bfloat16, jnp.float32) else y.astype(jnp.float32)
+    (out,) = _call("jax_ep_combine", (jax.ShapeDtypeStruct((T, y.shape[1]), jnp.float32),), y,
+                   arrays["send_slot"], arrays["recv_src"], arrays["stats"], uid=cfg.runtime_uid)
+    return vary_like(out, y)
+
+
+def rm_cached_dispatch(cfg, arrays, x):
+    C = cfg.token_capacity
+    (out,) = _call("jax_ep_cached_dispatch", (jax.ShapeDtypeStruct((C, x.shape[1]), x.dtype),), x,
+                   arrays["send_slot"], arrays["recv_src"], arrays["stats"], uid=cfg.runtime_uid)
+    return vary_like(out, x)

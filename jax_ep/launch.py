@@ -1,0 +1,136 @@
+"""Start R cooperating processes on this machine's GPUs: ``python -m jax_ep.launch --nproc R -- cmd ...``.
+
+Process i gets GPU i % G (G = visible GPUs). When R > G, several processes share a GPU: the launcher
+starts the CUDA MPS daemon (and stops it afterwards), and gives each process an equal share of the SMs
+(CUDA_MPS_ACTIVE_THREAD_PERCENTAGE) so that ranks spinning on a GPU never starve their peers. Each child
+calls ``jax_ep.launch.initialize()`` (or ``jax.distributed.initialize`` itself) with the environment set
+here: JAX_EP_COORDINATOR, JAX_EP_NUM_PROCESSES, JAX_EP_PROCESS_ID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "NVSHMEM_DISABLE_NVLS": "1", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+            "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+
+
+def initialize():
+    """Call in each child: joins the process group the launcher set up (one local GPU per process)."""
+    import jax
+    jax.distributed.initialize(coordinator_address=os.environ["JAX_EP_COORDINATOR"],
+                               num_processes=int(os.environ["JAX_EP_NUM_PROCESSES"]),
+                               process_id=int(os.environ["JAX_EP_PROCESS_ID"]), local_device_ids=[0])
+
+
+def _visible_gpus() -> list[str]:
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env:
+        return [g for g in env.split(",") if g.strip()]
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=60, check=True).stdout
+        return [line.strip() for line in out.splitlines() if line.strip()]
+    except (OSError, subprocess.SubprocessError):
+        return []
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Mps:
+    """The MPS control daemon, private to this launch (own pipe/log directories)."""
+
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="jax_ep_mps_")
+        self.env = dict(os.environ, CUDA_MPS_PIPE_DIRECTORY=os.path.join(self.dir, "pipe"),
+                        CUDA_MPS_LOG_DIRECTORY=os.path.join(self.dir, "log"))
+        os.makedirs(self.env["CUDA_MPS_PIPE_DIRECTORY"])
+        os.makedirs(self.env["CUDA_MPS_LOG_DIRECTORY"])
+        if shutil.which("nvidia-cuda-mps-control") is None:
+            raise RuntimeError("jax_ep.launch: more processes than GPUs needs CUDA MPS (nvidia-cuda-mps-control)")
+        subprocess.run(["nvidia-cuda-mps-control", "-d"], env=self.env, check=True, timeout=60)
+
+    def stop(self):
+        subprocess.run(["nvidia-cuda-mps-control"], input="quit\n", text=True, env=self.env, timeout=60)
+        time.sleep(0.5)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def launch(nproc: int, command: list[str], timeout: float | None = None, gpus: list[str] | None = None) -> int:
+    """Run ``command`` as ``nproc`` processes; returns the first non-zero exit code (0 if all succeed)."""
+    gpus = gpus if gpus is not None else _visible_gpus()
+    if not gpus:
+        raise RuntimeError("jax_ep.launch: no GPU visible")
+    per_gpu = -(-nproc // len(gpus))
+    mps = _Mps() if per_gpu > 1 else None
+    base = dict(mps.env if mps else os.environ, **SAFE_ENV)
+    base.update(JAX_EP_COORDINATOR=f"127.0.0.1:{_free_port()}", JAX_EP_NUM_PROCESSES=str(nproc))
+    if per_gpu > 1:
+        base["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(max(1, 100 // per_gpu))
+    procs = []
+    try:
+        for i in range(nproc):
+            env = dict(base, JAX_EP_PROCESS_ID=str(i), CUDA_VISIBLE_DEVICES=gpus[i % len(gpus)])
+            procs.append(subprocess.Popen(command, env=env, start_new_session=True))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        code = 0
+        pending = list(procs)
+        while pending:
+            for p in list(pending):
+                rc = p.poll()
+                if rc is not None:
+                    pending.remove(p)
+                    if rc and not code:
+                        code = rc
+                        _stop(pending)  # one rank failed: the others would wait for it
+            if deadline is not None and time.monotonic() > deadline:
+                _stop(pending)
+                return code or 124
+            time.sleep(0.05)
+        return code
+    finally:
+        _stop(procs)
+        if mps:
+            mps.stop()
+
+
+def _stop(procs):
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    for p in procs:
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m jax_ep.launch", description=__doc__)
+    p.add_argument("--nproc", type=int, required=True, help="processes (ranks) to start")
+    p.add_argument("--timeout", type=float, default=None, help="kill everything after this many seconds")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- program and its arguments")
+    args = p.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        p.error("missing command")
+    return launch(args.nproc, command, args.timeout)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

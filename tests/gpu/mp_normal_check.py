@@ -1,0 +1,166 @@
+"""Multi-rank check of the CUDA normal mode against the reference backend (run by tests/test_gpu_normal.py
+through ``python -m jax_ep.launch --nproc R``). Exits non-zero on any mismatch; rank 0 writes a JSON
+summary to $JAX_EP_RESULT if set."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+from tests.gpu.harness import global_array, local_rows, log, setup  # noqa: E402
+
+rank, R, gpu_mesh, cpu_mesh = setup()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import jax_ep  # noqa: E402
+
+GPU_BACKEND = "reference" if os.environ.get("JAX_EP_DRYRUN") else "cuda"
+failures = []
+checks = []
+
+
+def check(name, got, want, exact=True, rtol=1e-5, atol=1e-5):
+    got, want = np.asarray(got), np.asarray(want)
+    if got.dtype != want.dtype or got.shape != want.shape:
+        ok, detail = False, f"dtype/shape {got.dtype}{got.shape} vs {want.dtype}{want.shape}"
+    elif exact:
+        a = got.view(np.uint8) if got.dtype.itemsize == 1 else got
+        b = want.view(np.uint8) if want.dtype.itemsize == 1 else want
+        ok = np.array_equal(a, b)
+        detail = "" if ok else f"{int(np.sum(a != b))} elements differ"
+    else:
+        g, w = got.astype(np.float64), want.astype(np.float64)
+        err = float(np.max(np.abs(g - w) / (atol + rtol * np.abs(w)))) if g.size else 0.0
+        ok = err <= 1.0
+        detail = f"max scaled err {err:.3g}, max abs diff {float(np.max(np.abs(g - w))) if g.size else 0:.3g}"
+    checks.append((name, ok))
+    if not ok:
+        failures.append(f"{name}: {detail}")
+        log(rank, "FAIL", name, detail)
+
+
+def routing(rng, T, K, E, invalid=False):
+    idx = np.stack([rng.permutation(E)[:K] for _ in range(R * T)]).astype(np.int32)
+    idx[rng.random(idx.shape) < 0.2] = -1
+    for r in range(R):  # uneven valid tokens per rank: the tail of each rank routes nowhere
+        n = rng.integers(T // 2, T + 1)
+        idx[r * T + n:(r + 1) * T] = -1
+    if invalid:
+        idx[rng.random(idx.shape) < 0.02] = E + 5
+        idx[rng.random(idx.shape) < 0.01] = -7
+    w = rng.random(idx.shape).astype(np.float32)
+    return idx, w
+
+
+def run(mesh, backend, fn, arrays, n_out):
+    buf_args = fn.buffer_args
+    buf = jax_ep.Buffer(mesh, num_experts=buf_args["E"], hidden=buf_args["H"], max_tokens_per_rank=buf_args["T"],
+                        num_topk=buf_args["K"], max_recv_tokens=buf_args.get("C"), backend=backend)
+    f = jax.jit(jax.shard_map(lambda *a: fn(buf, *a), mesh=mesh, in_specs=(P("ep"),) * len(arrays),
+                              out_specs=(P("ep"),) * n_out))
+    if mesh is gpu_mesh:
+        return [local_rows(o) for o in f(*[global_array(mesh, a) for a in arrays])], (f, buf)
+    outs = f(*arrays)
+    T = arrays[0].shape[0] // R
+    return [np.asarray(o).reshape((R, -1) + o.shape[1:])[rank] for o in outs], (f, buf)
+
+
+def scalars(out):
+    return jnp.stack([out.num_recv, out.overflow, out.num_invalid_ids])[None]
+
+
+def case_dispatch(T, H, K, E, dtype, C=None, alignment=4, invalid=False, seed=0):
+    rng = np.random.default_rng(seed)
+    idx, w = routing(rng, T, K, E, invalid)
+    x = rng.standard_normal((R * T, H)).astype(np.float32)
+    name = f"R{R} T{T} H{H} K{K} E{E} {dtype} C{C} inv{invalid}"
+
+    def fn(buf, x, idx, w):
+        payload = x.astype(dtype) if dtype != "fp8" else jax_ep.per_token_cast_to_fp8(x)
+        out = jax_ep.dispatch(buf, payload, idx, w, expert_alignment=alignment)
+        xs = out.x if dtype != "fp8" else jax.lax.bitcast_convert_type(out.x, jnp.uint8)
+        scales = out.x_scales if dtype == "fp8" else jnp.zeros((out.x.shape[0], 1), jnp.float32)
+        # Exact in every dtype (a power-of-two scale), so GPU and CPU feed combine identical rows.
+        y = out.x.astype(jnp.float32) if dtype != "fp8" else jax_ep.per_token_cast_back(out.x, out.x_scales,
+                                                                                         out_dtype=jnp.float32)
+        y = (2.0 * y).astype(jnp.bfloat16 if dtype != "float32" else jnp.float32)
+        comb = jax_ep.combine(buf, y, out.handle)  # compared in its own dtype: XLA GPU may drop f32->bf16->f32
+        again = jax_ep.cached_dispatch(buf, x.astype(y.dtype), out.handle)
+        return (xs, scales, out.topk_idx, out.topk_weights, out.tokens_per_expert[None], scalars(out), comb, again)
+    fn.buffer_args = dict(T=T, H=H, K=K, E=E, C=C)
+    got, _ = run(gpu_mesh, GPU_BACKEND, fn, (x, idx, w), 8)
+    want, _ = run(cpu_mesh, "reference", fn, (x, idx, w), 8)
+    for i, field in enumerate(("x", "x_scales", "topk_idx", "topk_weights", "tokens_per_expert", "stats")):
+        check(f"dispatch {name}: {field}", got[i], want[i])
+    check(f"combine {name}", got[6], want[6])  # same f32 order (ascending rank): bit-exact
+    check(f"cached_dispatch {name}", got[7], want[7])
+
+
+def case_expert_major_and_grad(T, H, K, E, seed=1):
+    rng = np.random.default_rng(seed)
+    idx, w = routing(rng, T, K, E)
+    x = rng.standard_normal((R * T, H)).astype(np.float32)
+    W = (rng.standard_normal((H, H)) / np.sqrt(H)).astype(np.float32)
+
+    def fn(buf, x, idx, w):
+        def loss(x, w):
+            out = jax_ep.dispatch(buf, x, idx, w, layout="expert_major", expert_alignment=8)
+            y = jnp.tanh(jnp.dot(out.x, W, precision=jax.lax.Precision.HIGHEST))
+            z = jax_ep.combine(buf, y, out.handle, topk_weights=out.topk_weights)
+            return jnp.sum(z * z), (z, out.group_sizes)
+        (val, (z, gs)), (gx, gw) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, w)
+        return z, gs[None], gx, gw
+    fn.buffer_args = dict(T=T, H=H, K=K, E=E)
+    got, _ = run(gpu_mesh, GPU_BACKEND, fn, (x, idx, w), 4)
+    want, _ = run(cpu_mesh, "reference", fn, (x, idx, w), 4)
+    name = f"expert-major R{R} T{T} H{H}"
+    check(f"{name}: combine", got[0], want[0], exact=False, rtol=1e-4, atol=1e-5)
+    check(f"{name}: group_sizes", got[1], want[1])
+    check(f"{name}: grad x", got[2], want[2], exact=False, rtol=1e-4, atol=1e-5)
+    check(f"{name}: grad topk_weights", got[3], want[3], exact=False, rtol=1e-4, atol=1e-5)
+
+
+def case_determinism(T=512, H=1024, K=8, E=64, repeats=20):
+    rng = np.random.default_rng(7)
+    idx, w = routing(rng, T, K, E)
+    x = rng.standard_normal((R * T, H)).astype(np.float32)
+
+    def fn(buf, x, idx, w):
+        out = jax_ep.dispatch(buf, x.astype(jnp.bfloat16), idx, w)
+        return out.x, jax_ep.combine(buf, out.x, out.handle)
+    fn.buffer_args = dict(T=T, H=H, K=K, E=E)
+    _, (f, _) = run(gpu_mesh, GPU_BACKEND, fn, (x, idx, w), 2)
+    args = [global_array(gpu_mesh, a) for a in (x, idx, w)]
+    digests = set()
+    for _ in range(repeats):
+        outs = f(*args)
+        h = hashlib.sha256()
+        for o in outs:
+            h.update(local_rows(o).tobytes())
+        digests.add(h.hexdigest())
+    check(f"determinism over {repeats} repeats", np.array(len(digests)), np.array(1))
+
+
+t0 = time.time()
+case_dispatch(T=256, H=512, K=8, E=32, dtype="bfloat16")
+case_dispatch(T=256, H=512, K=8, E=32, dtype="float32", invalid=True)
+case_dispatch(T=128, H=1024, K=4, E=16 * R, dtype="fp8", alignment=1)
+case_dispatch(T=200, H=264, K=3, E=6 * R, dtype="bfloat16", C=max(1, 200 * R // 3))   # capacity below worst case
+case_dispatch(T=64, H=128, K=16, E=max(16, 4 * R), dtype="bfloat16", C=5)
+case_expert_major_and_grad(T=128, H=256, K=4, E=8 * R)
+case_determinism()
+elapsed = time.time() - t0
+log(rank, f"{sum(ok for _, ok in checks)}/{len(checks)} checks passed in {elapsed:.1f} s")
+if rank == 0 and os.environ.get("JAX_EP_RESULT"):
+    with open(os.environ["JAX_EP_RESULT"], "w") as fh:
+        json.dump(dict(ranks=R, checks=[dict(name=n, ok=bool(o)) for n, o in checks], failures=failures,
+                       seconds=elapsed, device=str(jax.devices()[0].device_kind)), fh, indent=1)
+sys.exit(1 if failures else 0)

@@ -1,0 +1,78 @@
+"""GPU: the CUDA normal-mode kernels against the reference backend.
+
+Single process: every local GPU as one rank (R = local GPU count; R=1 on a one-GPU machine).
+Multi-process: R ranks as processes through ``jax_ep.launch`` (several per GPU under MPS), running
+tests/gpu/mp_normal_check.py, which compares every field with the reference backend on CPU devices.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+
+import jax_ep
+
+pytestmark = pytest.mark.gpu
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _gpus():
+    try:
+        return jax.devices("cuda")
+    except RuntimeError:
+        return []
+
+
+def _run(mesh, backend, x, idx, w, T, H, K, E, layout):
+    buf = jax_ep.Buffer(mesh, num_experts=E, hidden=H, max_tokens_per_rank=T, num_topk=K, backend=backend)
+
+    def fn(x, idx, w):
+        out = jax_ep.dispatch(buf, x, idx, w, layout=layout, expert_alignment=4)
+        y = (out.x.astype(jnp.float32) * 1.5).astype(x.dtype)
+        if layout == "rank_major":
+            z = jax_ep.combine(buf, y, out.handle)
+        else:
+            z = jax_ep.combine(buf, y, out.handle, topk_weights=out.topk_weights)
+        return out.x, out.topk_idx, out.topk_weights, out.num_recv[None], z
+    f = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P("ep"),) * 3, out_specs=(P("ep"),) * 5))
+    return [np.asarray(o) for o in f(x, idx, w)]
+
+
+@pytest.mark.parametrize("layout", ["rank_major", "expert_major"])
+def test_single_process_matches_reference(layout):
+    gpus = _gpus()
+    if not gpus:
+        pytest.skip("no GPU")
+    R, T, H, K, E = len(gpus), 300, 512, 6, 8 * len(gpus)
+    rng = np.random.default_rng(3)
+    idx = rng.integers(-1, E, (R * T, K)).astype(np.int32)
+    w = rng.random((R * T, K)).astype(np.float32)
+    x = jnp.asarray(rng.standard_normal((R * T, H)), jnp.bfloat16)
+    got = _run(Mesh(np.array(gpus), ("ep",)), "cuda", x, idx, w, T, H, K, E, layout)
+    cpu = jax.devices("cpu")
+    if len(cpu) < R:
+        pytest.skip("needs as many CPU devices as GPUs for the reference")
+    want = _run(Mesh(np.array(cpu[:R]), ("ep",)), "reference", np.asarray(x), idx, w, T, H, K, E, layout)
+    for g, wv in zip(got[:4], want[:4]):
+        np.testing.assert_array_equal(g, wv)
+    np.testing.assert_allclose(got[4].astype(np.float32), want[4].astype(np.float32), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_multi_process_matches_reference(ranks):
+    if not _gpus():
+        pytest.skip("no GPU")
+    if ranks > len(_gpus()) and shutil.which("nvidia-cuda-mps-control") is None:
+        pytest.skip("several ranks per GPU need CUDA MPS")
+    cmd = [sys.executable, "-m", "jax_ep.launch", "--nproc", str(ranks), "--timeout", "280", "--",
+           sys.executable, os.path.join(ROOT, "tests", "gpu", "mp_normal_check.py")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, JAX_EP_TIMEOUT_S="20"))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
