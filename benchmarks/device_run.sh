@@ -19,12 +19,14 @@ RANKS=${*:-2 4 8}
 python3 benchmarks/hbm_copy.py | tee "$OUT/hbm.json"
 B=$(python3 -c "import json;print(json.load(open('$OUT/hbm.json'))['hbm_copy_bytes_per_s'])")
 timeout 240 python3 -m pytest -q tests/test_gpu_layout.py "tests/test_gpu_normal.py::test_single_process_matches_reference" -x -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/pytest_gpu_single.txt"
+XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1" \
+  timeout 240 python3 -m pytest -q tests/test_gpu_flax.py -p no:cacheprovider 2>&1 | tail -5 | tee "$OUT/pytest_gpu_flax.txt"
 for R in $RANKS; do
   JAX_EP_RESULT=$OUT/check_R$R.json timeout 170 python3 -m jax_ep.launch --nproc "$R" --timeout 150 -- \
     python3 tests/gpu/mp_normal_check.py > "$OUT/check_R$R.log" 2>&1
   echo "R=$R check exit $?"; grep -E "checks passed|FAIL|Error|timed out" "$OUT/check_R$R.log" | sort | uniq -c | head -20
 done
-if [ -n "${BENCH:-1}" ]; then
+if [ "${BENCH:-1}" != 0 ]; then
   timeout 220 python3 -m jax_ep.launch --nproc 8 --timeout 200 -- python3 benchmarks/bench_normal.py \
     --hbm-bytes-per-s "$B" --out "$OUT/bench_R8.json" --num-sms "${NUM_SMS:-0}" > "$OUT/bench_R8.log" 2>&1
   echo "bench exit $?"; grep -E "BENCH|Error|timed out" "$OUT/bench_R8.log" | head -5

@@ -142,7 +142,7 @@ void runtime_open(int64_t uid, int device, int rank, const std::vector<uintptr_t
   if (num_blocks <= 0) {
     int sms = 0;
     check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
-    num_blocks = sms;
+    num_blocks = 4 * sms;  // measured on H200 (R=8 under MPS): 4 blocks/SM beat 1 by 12-13% (benchmarks/results)
   }
   g.num_blocks = num_blocks;
   g.open = true;
