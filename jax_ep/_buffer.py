@@ -32,7 +32,7 @@ class Buffer:
       num_topk: K, experts per token (1..32 and <= E).
       max_recv_tokens: C, rank-major receive capacity per rank (default R*T_max: never overflows).
       max_recv_rows: expert-major receive capacity in (token, expert) rows (default: worst case).
-      low_latency: also size the low-latency (decode) buffers.
+      low_latency: enable the low-latency (decode) calls on this buffer.
       backend: ``"cuda"``, ``"reference"`` or None (auto: cuda on GPUs when the extension has the op;
         the ``JAX_EP_BACKEND`` environment variable overrides auto).
       num_sms: SM budget of the normal-mode kernels (None: the kernels' default).
@@ -119,18 +119,16 @@ class Buffer:
 
     @property
     def size_hint(self) -> int:
-        """Bytes of communication memory one rank needs for this config (what the CUDA runtime allocates).
-
-        Normal mode: a receive staging area of C rows of H bf16 + scales + routing metadata, and per-rank
-        counters; low-latency mode: two (double-buffered) send and receive areas sized for E_loc * R * T_max
-        fp8-or-bf16 rows plus counters.
-        """
-        R, H, K = self.num_ranks, self.hidden, self.num_topk
-        row = H * 2 + math.ceil(H / 128) * 4 + K * 8 + 16
-        total = self.recv_capacity * row + 4 * R * R * 16
-        if self.low_latency:
-            total += 2 * (self.max_tokens_per_rank * row + self.num_local_experts * self.low_latency_slots * row)
-        return int(total)
+        """Bytes of communication memory one rank's CUDA runtime allocates for this config (the intranode
+        layout of cuda/intranode.cu: flags, count matrix, a C-row staging area and an R x T_max combine
+        area, rows sized for f32 payloads). The reference backend allocates nothing."""
+        def area(nbytes):
+            return (nbytes + 255) // 256 * 256
+        R, C, T, K, H = self.num_ranks, self.recv_capacity, self.max_tokens_per_rank, self.num_topk, self.hidden
+        row = (4 * max(H, K) + 15) // 16 * 16
+        scales = (4 * math.ceil(H / 128) + 15) // 16 * 16
+        sizes = (8, 8, 8 * R, 8 * R, 4 * 2 * R * R, C * row, C * scales, 4 * C * K, 4 * C * K, 4 * C, R * T * row)
+        return int(sum(area(n) for n in sizes))
 
     # -- lifetime -------------------------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:

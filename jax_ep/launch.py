@@ -117,7 +117,10 @@ def _stop(procs):
         try:
             p.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def main(argv=None):

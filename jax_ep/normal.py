@@ -106,6 +106,8 @@ def _dispatch_bwd(cfg, backend, res, ct):
     if fp8:  # fp8 payloads are forward-only (DeepEP's convention): symbolic zero cotangents (None), which
         # JAX instantiates with the primal's type, shard_map's varying axes included
         return None, None, None, dw
+    # Two ops on one buffer must run in the same order on every rank: make the second depend on the first.
+    dw, slot_x = jax.lax.optimization_barrier((dw, slot_x))
     dx = impl.rm_combine(cfg, rm_arrays, slot_x).astype(ct_x.dtype)
     return dx, None, None, dw
 
@@ -144,6 +146,7 @@ def combine(buffer: Buffer, y, handle: DispatchHandle, *, topk_weights=None, bia
             if topk_weights.ndim != 2 or topk_weights.shape[0] != capacity or topk_weights.dtype != jnp.float32:
                 raise ValueError(f"jax_ep.combine: topk_weights must be float32 [{capacity}, K], got "
                                  f"{topk_weights.dtype}{list(topk_weights.shape)}")
+            out, topk_weights = jax.lax.optimization_barrier((out, topk_weights))  # same op order on every rank
             combined_w = _combine_rm(cfg, handle.backend, topk_weights, arrays)
     else:
         if topk_weights is None:
