@@ -26,6 +26,9 @@ for R in $RANKS; do
     python3 tests/gpu/mp_normal_check.py > "$OUT/check_R$R.log" 2>&1
   echo "R=$R check exit $?"; grep -E "checks passed|FAIL|Error|timed out" "$OUT/check_R$R.log" | sort | uniq -c | head -20
 done
+JAX_EP_TIMEOUT_S=3 timeout 150 python3 -m jax_ep.launch --nproc 2 --timeout 120 -- python3 tests/gpu/mp_timeout_check.py \
+  > "$OUT/timeout_check.log" 2>&1
+echo "timeout check exit $? (0 = the waiting rank failed naming rank 1)"; grep -E "failed after|ERROR" "$OUT/timeout_check.log" | head -3
 if [ "${BENCH:-1}" != 0 ]; then
   timeout 220 python3 -m jax_ep.launch --nproc 8 --timeout 200 -- python3 benchmarks/bench_normal.py \
     --hbm-bytes-per-s "$B" --out "$OUT/bench_R8.json" --num-sms "${NUM_SMS:-0}" > "$OUT/bench_R8.log" 2>&1

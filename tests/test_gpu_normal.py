@@ -76,3 +76,17 @@ def test_multi_process_matches_reference(ranks):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, JAX_EP_TIMEOUT_S="20"))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+def test_timeout_names_the_missing_rank():
+    """A peer that never joins: the waiting rank fails within the timeout and says which rank it waited for."""
+    if not _gpus():
+        pytest.skip("no GPU")
+    if len(_gpus()) < 2 and shutil.which("nvidia-cuda-mps-control") is None:
+        pytest.skip("two ranks on one GPU need CUDA MPS")
+    cmd = [sys.executable, "-m", "jax_ep.launch", "--nproc", "2", "--timeout", "120", "--",
+           sys.executable, os.path.join(ROOT, "tests", "gpu", "mp_timeout_check.py")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=150,
+                          env=dict(os.environ, JAX_EP_TIMEOUT_S="3"))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "waiting for rank 1" in proc.stdout
