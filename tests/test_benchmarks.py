@@ -1,0 +1,226 @@
+"""benchmarks/: bench.py's functions on a tiny sweep, the baselines against jax_ep, the CLI, the plots, and the
+notebook executed top to bottom (nbclient, TINY sizes, reference backend on the virtual CPU devices)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH_DIR = os.path.join(ROOT, "benchmarks")
+if BENCH_DIR not in sys.path:
+    sys.path.insert(0, BENCH_DIR)
+
+import baselines  # noqa: E402
+import bench  # noqa: E402
+import plot  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TOP_LEVEL = ("schema", "created", "machine", "devices", "gpu", "software", "git", "config", "limits", "conventions",
+             "skipped_implementations", "points")
+POINT_FIELDS = ("mode", "op", "dtype", "impl", "ranks", "tokens", "hidden", "topk", "experts", "status", "backend",
+                "op_s", "jit_s", "bytes", "row_bytes", "GBps_op", "GBps_jit", "ceiling_GBps", "ratio_op",
+                "ratio_jit")
+
+
+def _is_png(path):
+    with open(path, "rb") as fh:
+        return fh.read(8) == PNG_MAGIC and os.path.getsize(path) > 10_000
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    """Normal + low-latency, bf16 + fp8, R=4, every implementation, results checked against jax_ep.
+    ragged_all_to_all runs on its all_to_all stand-in where XLA lacks it (XLA:CPU)."""
+    cfg = bench.SweepConfig.tiny(tokens=(8,), ranks=(4,), check=True, progress=False)
+    return bench.run_sweep(cfg, ragged_fn=baselines.emulated_ragged_all_to_all)
+
+
+def test_sweep_schema_and_numbers(sweep, tmp_path):
+    for key in TOP_LEVEL:
+        assert key in sweep, key
+    assert sweep["schema"] == bench.SCHEMA
+    assert sweep["software"]["jax"] == jax.__version__ and sweep["software"]["jaxlib"]
+    assert "commit" in sweep["git"] and sweep["devices"]["platform"] == "cpu"
+    assert sweep["config"]["ranks"] == [4] and sweep["limits"]["hbm_copy_bytes_per_s"] > 0
+    ok = bench.ok_points(sweep)
+    got = {(p["mode"], p["impl"], p["op"], p["dtype"]) for p in ok}
+    want = {("normal", impl, op, dt) for impl in ("jax_ep", "all_to_all_padded", "ragged_all_to_all")
+            for op, dt in (("dispatch", "bf16"), ("dispatch", "fp8"), ("combine", "bf16"))}
+    want |= {("low_latency", "jax_ep", op, dt) for op, dt in (("dispatch", "bf16"), ("dispatch", "fp8"),
+                                                               ("combine", "bf16"))}
+    assert got == want
+    for p in ok:
+        for field in POINT_FIELDS:
+            assert field in p, field
+        for field in ("op_s", "jit_s", "bytes", "GBps_op", "GBps_jit", "ceiling_GBps", "ratio_op", "ratio_jit"):
+            assert p[field] > 0, (field, p)
+        assert p["bytes"] == p["rows"] * p["row_bytes"]
+        H = p["hidden"]
+        assert p["row_bytes"] == (H + 4 * H // 128 if p["dtype"] == "fp8" else 2 * H)
+        if p["impl"] != "jax_ep":
+            assert p["agrees_with_jax_ep"] is True, p
+    for p in sweep["points"]:
+        if p["status"] != "ok":
+            assert p["status"] == "skipped" and p["reason"], p
+    # the same work is charged the same bytes, whoever does it
+    by_work = {}
+    for p in ok:
+        by_work.setdefault((p["mode"], p["op"], p["dtype"]), set()).add(p["bytes"])
+    assert all(len(v) == 1 for v in by_work.values())
+    assert "jax_ep_reference" in sweep["skipped_implementations"]   # jax_ep already runs it here
+    table = bench.format_table(sweep)
+    assert "all_to_all_padded" in table and "low_latency" in table
+    # JSON round trip and the figures
+    path = bench.write_results(sweep, str(tmp_path / "sweep.json"))
+    assert json.load(open(path))["points"] == json.loads(json.dumps(sweep["points"]))
+    pngs = plot.plot_all(plot.load(path), str(tmp_path / "sweep.png"))
+    assert pngs and all(_is_png(p) for p in pngs)
+
+
+def test_deepep_byte_conventions_match_jax_ep_counts():
+    """traffic(): received tokens (normal) = jax_ep's num_recv summed over ranks; selections (low-latency) =
+    the low-latency counts summed over ranks."""
+    work = bench.Work("normal", 4, 16, 128, 3, 16)
+    mesh = bench.make_mesh(4)
+    x, idx, w, traf = bench.make_inputs(mesh, work, seed=3)
+    buf = jax_ep_buffer(mesh, work, low_latency=True)
+
+    def counts(xx, ii, ww):
+        import jax_ep
+        return jax_ep.dispatch(buf, xx, ii, ww).num_recv, jax_ep.low_latency_dispatch(buf, xx, ii).count
+
+    num_recv, ll_count = bench.smap(mesh, counts)(x, idx, w)
+    assert int(np.sum(np.asarray(num_recv))) == traf["recv_tokens"] > 0
+    assert int(np.sum(np.asarray(ll_count))) == traf["selections"] == 4 * 16 * 3
+    assert traf["recv_tokens_per_rank"] == list(np.asarray(num_recv).astype(int))
+
+
+def jax_ep_buffer(mesh, work, low_latency=False):
+    import jax_ep
+    return jax_ep.Buffer(mesh, num_experts=work.experts, hidden=work.hidden, max_tokens_per_rank=work.tokens,
+                         num_topk=work.topk, low_latency=low_latency)
+
+
+def test_padded_all_to_all_receives_jax_eps_rows():
+    """Independently of the sweep's check: per rank, the padded all_to_all baseline receives the same multiset
+    of rows (payload, local ids, weights) as jax_ep's dispatch, and the comparison does see a changed row."""
+    work = bench.Work("normal", 4, 12, 128, 3, 8)
+    mesh = bench.make_mesh(4)
+    x, idx, w, traf = bench.make_inputs(mesh, work, seed=5)
+    jep, pad = bench.JaxEp(mesh, work), bench.Baseline(work, "all_to_all_padded")
+    rows = {}
+    for impl in (jep, pad):
+        out = bench.smap(mesh, lambda a, i, ww, impl=impl: impl.dispatch(a, i, ww, "bf16"))(x, idx, w)
+        rows[impl.name] = bench._host(impl.received(out))
+    a, b = rows["jax_ep"], rows["all_to_all_padded"]
+    assert a["valid"].sum() == b["valid"].sum() == traf["recv_tokens"]
+    assert bench.same_received_rows(a, b)
+    # rank-major order is the same too (source rank, then token) once the padding is squeezed out
+    for r in range(4):
+        np.testing.assert_array_equal(np.asarray(a["x"][r])[a["valid"][r]], np.asarray(b["x"][r])[b["valid"][r]])
+    changed = dict(b, topk_weights=np.array(b["topk_weights"]))
+    r, row = 1, int(np.flatnonzero(b["valid"][1])[0])
+    changed["topk_weights"][r, row, 0] += 1.0
+    assert not bench.same_received_rows(a, changed)
+
+
+def test_emulated_ragged_all_to_all_semantics():
+    """The CPU stand-in follows jax.lax.ragged_all_to_all's documented semantics (numpy model)."""
+    R, M, H = 4, 6, 3
+    mesh = bench.make_mesh(R)
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(0, 3, (R, R)).astype(np.int32)                  # [src, dst]
+    in_off = (np.cumsum(sizes, 1) - sizes).astype(np.int32)
+    out_off = (np.cumsum(sizes, 0) - sizes).astype(np.int32)              # sender-side offsets at receivers
+    recv = sizes.T.copy()                                                 # [me, src]
+    data = rng.standard_normal((R, M, H)).astype(np.float32)
+    fill = np.full((R, R * 3, H), -1.0, np.float32)
+
+    def f(d, o, io, s, oo, rs):
+        return baselines.emulated_ragged_all_to_all(d, o, io, s, oo, rs, axis_name=bench.AXIS)
+
+    got = np.asarray(bench.smap(mesh, f)(*(bench.stacked(mesh, a) for a in (data, fill, in_off, sizes, out_off,
+                                                                             recv))))
+    want = fill.copy()
+    for s in range(R):
+        for d in range(R):
+            n = sizes[s, d]
+            want[d, out_off[s, d]:out_off[s, d] + n] = data[s, in_off[s, d]:in_off[s, d] + n]
+    np.testing.assert_array_equal(got, want)
+
+
+def test_ragged_all_to_all_availability_is_recorded(tmp_path, capsys):
+    """The CLI: a JSON with the points; ragged_all_to_all either runs or is skipped with the backend's reason
+    (XLA:CPU lacks it in jax 0.10); --plot renders the figure next to the JSON."""
+    out = tmp_path / "cli.json"
+    assert bench.main(["--tiny", "--ranks", "2", "--modes", "normal", "--dtypes", "bf16", "--tokens", "4",
+                       "--impls", "jax_ep,ragged_all_to_all", "--no-progress", "--out", str(out), "--plot"]) == 0
+    res = json.load(open(out))
+    assert _is_png(str(tmp_path / "cli.png"))
+    assert "jax_ep" in capsys.readouterr().out
+    ragged = [p for p in res["points"] if p["impl"] == "ragged_all_to_all"]
+    supported, reason = baselines.ragged_all_to_all_support(bench.make_mesh(2))
+    if supported:
+        assert all(p["status"] == "ok" for p in ragged)
+    else:
+        assert "ragged_all_to_all" in reason
+        assert ragged and all(p["status"] == "skipped" and p["reason"] == reason for p in ragged)
+        assert res["skipped_implementations"]["ragged_all_to_all"] == reason
+
+
+def test_h200_figure_and_readme(tmp_path):
+    png = plot.plot_h200_normal(path=str(tmp_path / "h200.png"))
+    assert _is_png(png)
+    assert os.path.exists(plot.H200_PNG)
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    perf = readme[readme.index("## Performance"):]
+    assert os.path.relpath(plot.H200_PNG, ROOT) in perf and "benchmarks/bench.py" in perf
+
+
+def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    path = os.path.join(BENCH_DIR, "ep_benchmarks.ipynb")
+    nb = nbformat.read(path, as_version=4)
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit the notebook unexecuted"
+    assert "TINY" in nb.cells[1].source
+    out = tmp_path / "nb.json"
+    monkeypatch.setenv("JAX_EP_BENCH_TINY", "1")
+    monkeypatch.setenv("JAX_EP_BENCH_OUT", str(out))
+    monkeypatch.setenv("JAX_EP_BACKEND", "reference")
+    client = nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
+                                     resources={"metadata": {"path": BENCH_DIR}})
+    client.execute()
+    res = json.load(open(out))
+    assert {p["mode"] for p in bench.ok_points(res)} == {"normal", "low_latency"}
+    assert _is_png(str(tmp_path / "nb.png"))
+    shown = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
+    assert len(shown) >= 2
+
+
+def test_launch_harness_dry_run(tmp_path, monkeypatch):
+    """``python -m jax_ep.launch --nproc 2 -- python benchmarks/bench.py``: one rank per process, times reduced
+    over the processes through the key-value store, rank 0 writes the JSON (CPU rehearsal: JAX_EP_DRYRUN)."""
+    from jax_ep.launch import launch
+    out = tmp_path / "launch.json"
+    monkeypatch.setenv("JAX_EP_DRYRUN", "1")
+    monkeypatch.setenv("JAX_EP_BACKEND", "reference")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    monkeypatch.delenv("XLA_FLAGS", raising=False)   # the harness gives each process its own CPU devices
+    cmd = [sys.executable, os.path.join(BENCH_DIR, "bench.py"), "--tiny", "--modes", "normal", "--dtypes", "bf16",
+           "--tokens", "4", "--impls", "jax_ep,all_to_all_padded", "--check", "--no-progress", "--out", str(out)]
+    assert launch(2, cmd, timeout=120, gpus=["0", "1"]) == 0
+    res = json.load(open(out))
+    assert res["devices"]["process_count"] == 2 and res["config"]["harness"].startswith("launch")
+    assert res["config"]["ranks"] == [2]
+    ok = bench.ok_points(res)
+    assert {(p["impl"], p["op"]) for p in ok} == {(i, o) for i in ("jax_ep", "all_to_all_padded")
+                                                  for o in ("dispatch", "combine")}
+    assert all(p["agrees_with_jax_ep"] for p in ok if p["impl"] != "jax_ep")
