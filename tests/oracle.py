@@ -96,13 +96,18 @@ def _recv_list(idx, r, num_ranks, num_experts):
     return out
 
 
+def _split_inputs(x, topk_idx, topk_weights, R):
+    """Per-rank views [R, T, ...] of the global payload (and fp8 scales), ids and weights."""
+    data, scales = _payload(x)
+    scales = split_ranks(scales, R) if scales is not None else None
+    return split_ranks(data, R), scales, split_ranks(topk_idx, R), split_ranks(topk_weights, R)
+
+
 def dispatch_rank_major(x, topk_idx, topk_weights, num_ranks, num_experts, capacity, expert_alignment=1):
     """Rank-major dispatch of the global inputs; returns a dict of stacked per-rank fields (+ 'slots')."""
     R, E = num_ranks, num_experts
     e_loc = E // R
-    data, scales = _payload(x)
-    data, idx, w = split_ranks(data, R), split_ranks(topk_idx, R), split_ranks(topk_weights, R)
-    scales = split_ranks(scales, R) if scales is not None else None
+    data, scales, idx, w = _split_inputs(x, topk_idx, topk_weights, R)
     T, K = idx.shape[1:]
     H = data.shape[2]
     C = capacity
@@ -157,9 +162,7 @@ def dispatch_expert_major(x, topk_idx, topk_weights, num_ranks, num_experts, cap
     rank r, and 'slots' (as dispatch_rank_major's: which tokens survived the token-capacity stage)."""
     R, E, A, Cx = num_ranks, num_experts, expert_alignment, capacity_rows
     e_loc = E // R
-    data, scales = _payload(x)
-    data, idx, w = split_ranks(data, R), split_ranks(topk_idx, R), split_ranks(topk_weights, R)
-    scales = split_ranks(scales, R) if scales is not None else None
+    data, scales, idx, w = _split_inputs(x, topk_idx, topk_weights, R)
     T, K = idx.shape[1:]
     H = data.shape[2]
     C = R * T if token_capacity is None else token_capacity
