@@ -8,6 +8,7 @@
 
 #include <cstdint>
 
+#include "cuda/common.cuh"
 #include "cuda/intranode.cuh"
 #include "cuda/sync.cuh"
 
@@ -88,6 +89,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_dispatch_kernel(Peer
   __shared__ int invalid;
   __shared__ uint64_t s_epoch;
   const int tid = threadIdx.x;
+  trap_if_closed(v);
 
   if (tid == 0) {
     s_epoch = read_epoch(v) + 1;
@@ -168,6 +170,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_dispatch_kernel(Peer
 // Enter barrier for ops whose layout is already known (cached dispatch, combine).
 __global__ void enter_barrier_kernel(PeerView v, int phase) {
   __shared__ uint64_t s_epoch;
+  trap_if_closed(v);
   if (threadIdx.x == 0) {
     s_epoch = read_epoch(v) + 1;
     *epoch_ptr(v) = s_epoch;
@@ -222,8 +225,11 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(PeerView v, Row
   const int warp = blockIdx.x * kWarps + (threadIdx.x >> 5), num_warps = gridDim.x * kWarps;
   const bool vec16 = (in.row_bytes % 16) == 0;
   for (int t = warp; t < num_tokens; t += num_warps) {
-    const int slot_lo = lane < R ? send_slot[t * R + lane] : -1;
-    const int slot_hi = lane + 32 < R ? send_slot[t * R + lane + 32] : -1;
+    // Slots come from a handle (a user-visible pytree): anything outside [0, C) is not an address.
+    int slot_lo = lane < R ? send_slot[t * R + lane] : -1;
+    int slot_hi = lane + 32 < R ? send_slot[t * R + lane + 32] : -1;
+    if (slot_lo >= v.layout.capacity) slot_lo = -1;
+    if (slot_hi >= v.layout.capacity) slot_hi = -1;
     const uint64_t dest_mask = static_cast<uint64_t>(__ballot_sync(kFullMask, slot_lo >= 0)) |
                                (static_cast<uint64_t>(__ballot_sync(kFullMask, slot_hi >= 0)) << 32);
     if (dest_mask == 0) continue;
@@ -295,7 +301,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(PeerView v, Dis
   for (int e = threadIdx.x; e < E_loc; e += blockDim.x) tokens_per_expert[e] = 0;
   wait_all_flags(v, v.layout.done_flags, epoch, phase);
 
-  const int num_recv = stats[0];
+  const int num_recv = min(max(stats[0], 0), C);
   const int lo = v.rank * E_loc;
   const bool vec16 = (a.in.row_bytes % 16) == 0;
   const int warp = blockIdx.x * kWarps + (threadIdx.x >> 5), num_warps = gridDim.x * kWarps;
@@ -353,12 +359,13 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(PeerView v, Dis
 
 __global__ void __launch_bounds__(kThreads) combine_send_kernel(PeerView v, CombineArgs a, int row_bytes) {
   const uint64_t epoch = read_epoch(v);
-  const int num_recv = a.stats[0];
+  const int num_recv = min(max(a.stats[0], 0), v.layout.capacity);
   const int T_max = v.layout.max_tokens;
   const int warp = blockIdx.x * kWarps + (threadIdx.x >> 5), num_warps = gridDim.x * kWarps;
   const bool vec16 = (row_bytes % 16) == 0;
   for (int c = warp; c < num_recv; c += num_warps) {
     const int src = a.recv_src[c];
+    if (src < 0 || src >= v.layout.num_ranks * T_max) continue;  // handle values are never trusted as addresses
     const int s = src / T_max, t = src % T_max;
     const uint8_t* in = static_cast<const uint8_t*>(a.y) + static_cast<size_t>(c) * row_bytes;
     uint8_t* out = v.peers[s] + v.layout.comb + (static_cast<size_t>(v.rank) * T_max + t) * v.layout.max_row_bytes;
@@ -459,6 +466,7 @@ const char* wait_phase_name(int phase) {
     case kPhaseCachedEnter: return "cached dispatch (enter barrier)";
     case kPhaseCombineEnter: return "combine (enter barrier)";
     case kPhaseCombineRecv: return "combine (receive)";
+    case kPhaseClosed: return "an op on a closed buffer";
     default: return "unknown phase";
   }
 }
@@ -496,8 +504,10 @@ IntranodeLayout make_intranode_layout(int num_ranks, int capacity, int max_token
 
 cudaError_t launch_dispatch(const PeerView& view, const DispatchArgs& args, int num_blocks, cudaStream_t stream) {
   notify_dispatch_kernel<<<1, kNotifyThreads, 0, stream>>>(view, args);
+  JAX_EP_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   dispatch_send_kernel<<<grid_for(num_blocks, args.num_tokens), kThreads, 0, stream>>>(
       view, args.in, args.topk_idx, args.topk_weights, args.send_slot, args.num_tokens, args.num_experts);
+  JAX_EP_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   const int E_loc = args.num_experts / view.layout.num_ranks;
   dispatch_recv_kernel<<<grid_for(num_blocks, view.layout.capacity), kThreads, E_loc * sizeof(int), stream>>>(
       view, args, args.out_stats, kPhaseDispatchRecv);
@@ -507,8 +517,10 @@ cudaError_t launch_dispatch(const PeerView& view, const DispatchArgs& args, int 
 cudaError_t launch_cached_dispatch(const PeerView& view, const CachedDispatchArgs& args, int num_blocks,
                                    cudaStream_t stream) {
   enter_barrier_kernel<<<1, kMaxPeers, 0, stream>>>(view, kPhaseCachedEnter);
+  JAX_EP_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   dispatch_send_kernel<<<grid_for(num_blocks, args.num_tokens), kThreads, 0, stream>>>(
       view, args.in, nullptr, nullptr, args.send_slot, args.num_tokens, 0);
+  JAX_EP_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   DispatchArgs recv;
   recv.in = args.in;
   recv.in.scales = nullptr;
@@ -520,8 +532,10 @@ cudaError_t launch_cached_dispatch(const PeerView& view, const CachedDispatchArg
 
 cudaError_t launch_combine(const PeerView& view, const CombineArgs& args, int num_blocks, cudaStream_t stream) {
   enter_barrier_kernel<<<1, kMaxPeers, 0, stream>>>(view, kPhaseCombineEnter);
+  JAX_EP_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   const int row_bytes = args.row_elems * (args.y_is_bf16 ? 2 : 4);
   combine_send_kernel<<<grid_for(num_blocks, view.layout.capacity), kThreads, 0, stream>>>(view, args, row_bytes);
+  JAX_EP_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   combine_recv_kernel<<<grid_for(num_blocks, args.num_tokens), kThreads, 0, stream>>>(view, args);
   return cudaGetLastError();
 }

@@ -52,6 +52,7 @@ struct PeerView {
   IntranodeLayout layout;
   unsigned long long timeout_ns = 0;
   int* diag = nullptr;  // host-mapped i32[4]: {phase + 1, rank, peer, 0} of the first timeout
+  const int* alive = nullptr;  // host-mapped: 1 while open; a CUDA graph replayed after close() sees 0
 };
 
 // Wait phases, reported by timeouts.
@@ -61,6 +62,7 @@ enum WaitPhase : int {
   kPhaseCachedEnter = 2,
   kPhaseCombineEnter = 3,
   kPhaseCombineRecv = 4,
+  kPhaseClosed = 5,  // an op ran on a closed buffer (a replayed graph)
 };
 const char* wait_phase_name(int phase);
 

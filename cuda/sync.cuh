@@ -36,23 +36,42 @@ __device__ __forceinline__ T ld_peer_written(const T* p) {
   return __ldcg(p);
 }
 
-// Spin until *flag >= target. After timeout_ns, record {phase + 1, rank, peer} in the host-mapped
-// diagnostic word (first timeout wins), print it, and trap: the call fails instead of hanging.
+// Record the first failure in the host-mapped diagnostic word and print it once. Plain volatile stores:
+// system-scope atomics on host memory are not available on every host.
+__device__ __forceinline__ void report_failure(const PeerView& v, int peer, int phase) {
+  volatile int* d = v.diag;
+  if (d != nullptr && d[0] == 0) {
+    d[1] = v.rank;
+    d[2] = peer;
+    __threadfence_system();
+    d[0] = phase + 1;
+    __threadfence_system();
+  }
+  if (blockIdx.x == 0) {
+    printf("jax_ep: rank %d failed waiting for rank %d (phase %d; timeout %.1f s)\n", v.rank, peer, phase,
+           v.timeout_ns * 1e-9);
+  }
+}
+
+// Spin until *flag >= target. After timeout_ns, report {phase, rank, peer} and trap: the call fails
+// instead of hanging, and later calls on the buffer fail with the same message.
 __device__ __forceinline__ void wait_flag_geq(const PeerView& v, const uint64_t* flag, uint64_t target,
                                               int peer, int phase) {
   if (ld_acquire_sys(flag) >= target) return;
   const uint64_t start = global_timer_ns();
   while (ld_acquire_sys(flag) < target) {
     if (global_timer_ns() - start > v.timeout_ns) {
-      if (v.diag != nullptr && atomicCAS_system(&v.diag[0], 0, phase + 1) == 0) {
-        v.diag[1] = v.rank;
-        v.diag[2] = peer;
-        __threadfence_system();
-      }
-      printf("jax_ep: rank %d timed out after %.1f s waiting for rank %d (phase %d, epoch %llu)\n", v.rank,
-             v.timeout_ns * 1e-9, peer, phase, static_cast<unsigned long long>(target));
+      report_failure(v, peer, phase);
       __trap();
     }
+  }
+}
+
+// First thing of every op: a graph captured while the buffer was open must not touch freed memory.
+__device__ __forceinline__ void trap_if_closed(const PeerView& v) {
+  if (threadIdx.x == 0 && v.alive != nullptr && *reinterpret_cast<const volatile int*>(v.alive) == 0) {
+    printf("jax_ep: rank %d: op on a closed Buffer (a compiled step replayed after close())\n", v.rank);
+    __trap();
   }
 }
 

@@ -49,8 +49,9 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, f
                         ffi::ResultBuffer<ffi::S32> send_slot, ffi::ResultBuffer<ffi::S32> recv_src) {
   int num_blocks = 0;
   std::string error;
-  const PeerView* view = runtime_view(uid, device, &num_blocks, &error);
-  if (view == nullptr) return Fail(kDispatch, error);
+  PeerView view_copy;
+  if (!runtime_view(uid, device, &view_copy, &num_blocks, &error)) return Fail(kDispatch, error);
+  const PeerView* view = &view_copy;
   const IntranodeLayout& l = view->layout;
   const int64_t T = Rows(x), row_bytes = RowBytes(x), scale_bytes = RowBytes(scales);
   const auto idx_dims = topk_idx.dimensions();
@@ -70,8 +71,19 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, f
   if (num_experts <= 0 || num_experts % l.num_ranks || expert_alignment < 1) {
     return Fail(kDispatch, "num_experts must be a positive multiple of num_ranks, expert_alignment >= 1");
   }
+  if (num_experts / l.num_ranks > 12288) {  // per-expert counters live in 48 KB of shared memory
+    return Fail(kDispatch, "at most 12288 experts per rank");
+  }
+  if (scales.element_type() != ffi::DataType::F32 && scale_bytes > 0) {
+    return Fail(kDispatch, "scales must be float32");
+  }
+  const auto oi = out_idx->dimensions(), ow = out_w->dimensions();
+  if (oi.size() != 2 || oi[0] != l.capacity || oi[1] != l.num_topk || ow.size() != 2 || ow[0] != l.capacity ||
+      ow[1] != l.num_topk || is_token_in_rank->element_count() != static_cast<size_t>(T * l.num_ranks)) {
+    return Fail(kDispatch, "topk results must be [capacity, K] and is_token_in_rank [T, R]");
+  }
   if (Rows(*out_x) != l.capacity || RowBytes(*out_x) != row_bytes || Rows(*out_scales) != l.capacity ||
-      RowBytes(*out_scales) != scale_bytes || out_idx->dimensions()[0] != l.capacity ||
+      RowBytes(*out_scales) != scale_bytes ||
       tokens_per_expert->element_count() != static_cast<size_t>(num_experts / l.num_ranks) ||
       stats->element_count() != 4 || send_slot->element_count() != static_cast<size_t>(T * l.num_ranks) ||
       recv_src->element_count() != static_cast<size_t>(l.capacity)) {
@@ -104,14 +116,16 @@ ffi::Error CachedDispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffe
                               ffi::Result<ffi::AnyBuffer> out_x) {
   int num_blocks = 0;
   std::string error;
-  const PeerView* view = runtime_view(uid, device, &num_blocks, &error);
-  if (view == nullptr) return Fail(kCached, error);
+  PeerView view_copy;
+  if (!runtime_view(uid, device, &view_copy, &num_blocks, &error)) return Fail(kCached, error);
+  const PeerView* view = &view_copy;
   const IntranodeLayout& l = view->layout;
   const int64_t T = Rows(x), row_bytes = RowBytes(x);
   if (row_bytes <= 0 || row_bytes % 4 || row_bytes > l.max_row_bytes || T > l.max_tokens) {
     return Fail(kCached, "x must be [T <= T_max, D] with rows a multiple of 4 bytes within the buffer's row");
   }
-  if (send_slot.element_count() != static_cast<size_t>(T * l.num_ranks) ||
+  const auto sd = send_slot.dimensions();
+  if (sd.size() != 2 || sd[0] != T || sd[1] != l.num_ranks ||
       recv_src.element_count() != static_cast<size_t>(l.capacity) || stats.element_count() != 4 ||
       Rows(*out_x) != l.capacity || RowBytes(*out_x) != row_bytes) {
     return Fail(kCached, "handle / result shapes do not match the buffer");
@@ -132,8 +146,9 @@ ffi::Error CombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y, ff
                        ffi::ResultBuffer<ffi::F32> out) {
   int num_blocks = 0;
   std::string error;
-  const PeerView* view = runtime_view(uid, device, &num_blocks, &error);
-  if (view == nullptr) return Fail(kCombine, error);
+  PeerView view_copy;
+  if (!runtime_view(uid, device, &view_copy, &num_blocks, &error)) return Fail(kCombine, error);
+  const PeerView* view = &view_copy;
   const IntranodeLayout& l = view->layout;
   const bool bf16 = y.element_type() == ffi::DataType::BF16;
   if (!bf16 && y.element_type() != ffi::DataType::F32) return Fail(kCombine, "y must be bfloat16 or float32");

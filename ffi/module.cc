@@ -12,6 +12,8 @@
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
+#include <cstdint>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -87,8 +89,14 @@ jax_ep::IntranodeLayout Layout(int num_ranks, int capacity, int max_tokens, int 
     throw std::invalid_argument("jax_ep: the intranode kernels support 1.." + std::to_string(jax_ep::kMaxPeers) +
                                 " ranks, got " + std::to_string(num_ranks));
   }
-  if (capacity < 1 || max_tokens < 1 || num_topk < 1 || max_row_bytes < 4 || max_scale_bytes < 0) {
-    throw std::invalid_argument("jax_ep: invalid intranode buffer configuration");
+  if (capacity < 1 || max_tokens < 1 || num_topk < 1 || num_topk > 32 || max_row_bytes < 4 || max_scale_bytes < 0) {
+    throw std::invalid_argument("jax_ep: invalid intranode buffer configuration (1 <= K <= 32)");
+  }
+  // Kernels index with 32-bit ints: slot * K, rank * T_max + t, t * K.
+  const int64_t limit = std::numeric_limits<int32_t>::max();
+  if (int64_t{capacity} * num_topk >= limit || int64_t{num_ranks} * max_tokens >= limit ||
+      int64_t{max_tokens} * num_topk >= limit || int64_t{max_tokens} * num_ranks >= limit) {
+    throw std::invalid_argument("jax_ep: buffer too large for 32-bit row indices");
   }
   return jax_ep::make_intranode_layout(num_ranks, capacity, max_tokens, num_topk, max_row_bytes, max_scale_bytes);
 }
@@ -131,7 +139,10 @@ NB_MODULE(_C, m) {
   m.def("intranode_open", &IntranodeOpen, nb::arg("uid"), nb::arg("device"), nb::arg("rank"), nb::arg("ptrs"),
         nb::arg("handles"), nb::arg("peer_devices"), nb::arg("timeout_s"), nb::arg("num_blocks"),
         "Build the peer table (in-process pointers or IPC handles) and make the buffer usable by the kernels.");
-  m.def("intranode_close", &jax_ep::runtime_close, nb::arg("uid"), "Free the buffer on every local device.");
+  m.def("intranode_unmap", &jax_ep::runtime_unmap, nb::arg("uid"),
+        "Close phase 1: wait for this process's work, unmap the peers, mark the buffer dead.");
+  m.def("intranode_free", &jax_ep::runtime_free, nb::arg("uid"),
+        "Close phase 2 (after every process unmapped): free this process's communication memory.");
   m.def("intranode_diagnostics", &jax_ep::runtime_diagnostics, nb::arg("uid"),
         "The first device-side timeout recorded for this buffer ('' if none).");
 }

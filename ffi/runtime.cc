@@ -19,6 +19,7 @@ struct GroupState {
   uint8_t** peers_dev = nullptr;
   std::vector<void*> ipc_opened;
   int* diag_host = nullptr;
+  int* alive_host = nullptr;  // never freed: a replayed CUDA graph may still read it after close
   PeerView view;
   int num_blocks = 0;
   bool open = false;
@@ -46,14 +47,42 @@ class DeviceGuard {
   int previous_ = 0;
 };
 
-void release(GroupState& g) {
+void unmap(GroupState& g) {
   DeviceGuard guard(g.device);
-  cudaDeviceSynchronize();  // no kernel of ours may still use the memory
+  if (g.alive_host) *reinterpret_cast<volatile int*>(g.alive_host) = 0;
+  cudaDeviceSynchronize();  // no kernel of ours may still use the peers' memory
   for (void* p : g.ipc_opened) cudaIpcCloseMemHandle(p);
+  g.ipc_opened.clear();
   if (g.peers_dev) cudaFree(g.peers_dev);
+  g.peers_dev = nullptr;
+  g.open = false;
+}
+
+void free_local(GroupState& g) {
+  DeviceGuard guard(g.device);
   if (g.local) cudaFree(g.local);
   if (g.diag_host) cudaFreeHost(g.diag_host);
+  g.local = nullptr;
+  g.diag_host = nullptr;
 }
+
+// Entries of uid, moved out of the registry (so CUDA calls run outside the lock).
+std::vector<std::unique_ptr<GroupState>> take(int64_t uid) {
+  std::vector<std::unique_ptr<GroupState>> out;
+  std::lock_guard<std::mutex> lock(g_mutex);
+  for (auto it = g_groups.begin(); it != g_groups.end();) {
+    if (it->first.first == uid) {
+      out.push_back(std::move(it->second));
+      it = g_groups.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  return out;
+}
+
+std::mutex g_unmapped_mutex;
+std::map<int64_t, std::vector<std::unique_ptr<GroupState>>> g_unmapped;  // between unmap and free
 
 }  // namespace
 
@@ -75,6 +104,9 @@ AllocResult runtime_alloc(int64_t uid, int device, const IntranodeLayout& layout
   check(cudaHostAlloc(reinterpret_cast<void**>(&g->diag_host), 4 * sizeof(int), cudaHostAllocMapped),
         "cudaHostAlloc (diagnostics)");
   std::memset(g->diag_host, 0, 4 * sizeof(int));
+  check(cudaHostAlloc(reinterpret_cast<void**>(&g->alive_host), sizeof(int), cudaHostAllocMapped),
+        "cudaHostAlloc (liveness flag)");
+  *g->alive_host = 0;
   AllocResult result;
   result.ptr = reinterpret_cast<uintptr_t>(mem);
   result.ipc_handle.assign(reinterpret_cast<const char*>(&handle), sizeof(handle));
@@ -139,6 +171,10 @@ void runtime_open(int64_t uid, int device, int rank, const std::vector<uintptr_t
   g.view.layout = g.layout;
   g.view.timeout_ns = static_cast<unsigned long long>(timeout_s * 1e9);
   g.view.diag = diag_dev;
+  int* alive_dev = nullptr;
+  check(cudaHostGetDevicePointer(reinterpret_cast<void**>(&alive_dev), g.alive_host, 0), "cudaHostGetDevicePointer");
+  g.view.alive = alive_dev;
+  *reinterpret_cast<volatile int*>(g.alive_host) = 1;
   if (num_blocks <= 0) {
     int sms = 0;
     check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
@@ -148,16 +184,24 @@ void runtime_open(int64_t uid, int device, int rank, const std::vector<uintptr_t
   g.open = true;
 }
 
-void runtime_close(int64_t uid) {
-  std::lock_guard<std::mutex> lock(g_mutex);
-  for (auto it = g_groups.begin(); it != g_groups.end();) {
-    if (it->first.first == uid) {
-      release(*it->second);
-      it = g_groups.erase(it);
-    } else {
-      ++it;
-    }
+void runtime_unmap(int64_t uid) {
+  auto groups = take(uid);
+  for (auto& g : groups) unmap(*g);
+  std::lock_guard<std::mutex> lock(g_unmapped_mutex);
+  auto& parked = g_unmapped[uid];
+  for (auto& g : groups) parked.push_back(std::move(g));
+}
+
+void runtime_free(int64_t uid) {
+  std::vector<std::unique_ptr<GroupState>> groups;
+  {
+    std::lock_guard<std::mutex> lock(g_unmapped_mutex);
+    auto it = g_unmapped.find(uid);
+    if (it == g_unmapped.end()) return;
+    groups = std::move(it->second);
+    g_unmapped.erase(it);
   }
+  for (auto& g : groups) free_local(*g);
 }
 
 std::string runtime_diagnostics(int64_t uid) {
@@ -173,22 +217,23 @@ std::string runtime_diagnostics(int64_t uid) {
   return "";
 }
 
-const PeerView* runtime_view(int64_t uid, int device, int* num_blocks, std::string* error) {
+bool runtime_view(int64_t uid, int device, PeerView* view, int* num_blocks, std::string* error) {
   std::lock_guard<std::mutex> lock(g_mutex);
   auto it = g_groups.find(std::make_pair(uid, device));
   if (it == g_groups.end() || !it->second->open) {
     *error = "no jax_ep communication buffer " + std::to_string(uid) + " on device " + std::to_string(device) +
              " (was the Buffer closed, or built for another mesh?)";
-    return nullptr;
+    return false;
   }
   volatile int* d = it->second->diag_host;
   if (d[0] != 0) {
     *error = "an earlier call failed: rank " + std::to_string(d[1]) + " timed out waiting for rank " +
              std::to_string(d[2]) + " in " + wait_phase_name(d[0] - 1);
-    return nullptr;
+    return false;
   }
   *num_blocks = it->second->num_blocks;
-  return &it->second->view;
+  *view = it->second->view;
+  return true;
 }
 
 }  // namespace jax_ep

@@ -26,12 +26,17 @@ void runtime_open(int64_t uid, int device, int rank, const std::vector<uintptr_t
                   const std::vector<std::string>& peer_handles, const std::vector<int>& peer_devices,
                   double timeout_s, int num_blocks);
 
-void runtime_close(int64_t uid);
+// Closing is two-phase so that no process frees memory a peer still maps: unmap (wait for this device's
+// work, close the peers' IPC mappings, mark the buffer dead for graph replays), then -- after every
+// process of the group has unmapped -- free.
+void runtime_unmap(int64_t uid);
+void runtime_free(int64_t uid);
 
 // First recorded device-side timeout of this uid on this process: "" if none.
 std::string runtime_diagnostics(int64_t uid);
 
-// For handlers: the peer view of (uid, device); nullptr when unknown. num_blocks receives the SM budget.
-const PeerView* runtime_view(int64_t uid, int device, int* num_blocks, std::string* error);
+// For handlers: a copy of the peer view of (uid, device) (taken under the lock, so a concurrent close
+// cannot pull it away); false with `error` set when unknown or closed. num_blocks receives the grid budget.
+bool runtime_view(int64_t uid, int device, PeerView* view, int* num_blocks, std::string* error);
 
 }  // namespace jax_ep

@@ -8,6 +8,7 @@ key-value store (one process per GPU, or several processes sharing one GPU under
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 import os
@@ -40,51 +41,67 @@ class IntranodeRuntime:
         mesh, axis = buffer.mesh, buffer.axis
         devices = np.asarray(mesh.devices)
         ax = mesh.axis_names.index(axis)
-        me = jax.process_index()
-        local = [d for d in devices.flat if d.process_index == me]
+        self._me = jax.process_index()
+        local = [d for d in devices.flat if d.process_index == self._me]
         args = layout_args(buffer)
-        allocs = {}
-        for d in local:
-            allocs[d.id] = ext.intranode_alloc(self.uid, d.local_hardware_id, **args)
-        multi_process = any(d.process_index != me for d in devices.flat)
-        client = None
-        if multi_process:
-            from jax._src.distributed import global_state
-            client = global_state.client
-            if client is None:
-                raise RuntimeError("jax_ep: a mesh spanning several processes needs jax.distributed.initialize()")
+        # Keys carry the mesh and layout, so processes that disagree on which Buffer a uid names fail the
+        # exchange (a timeout that says so) instead of mapping each other's memory with different layouts.
+        tag = hashlib.sha1(repr((sorted(d.id for d in devices.flat), axis, sorted(args.items()))).encode())
+        self._prefix = f"jax_ep/{self.uid}/{tag.hexdigest()[:12]}"
+        self._procs = sorted({d.process_index for d in devices.flat})
+        self._client = None
+        try:
+            allocs = {d.id: ext.intranode_alloc(self.uid, d.local_hardware_id, **args) for d in local}
+            if len(self._procs) > 1:
+                from jax._src.distributed import global_state
+                self._client = global_state.client
+                if self._client is None:
+                    raise RuntimeError("jax_ep: a mesh spanning several processes needs jax.distributed.initialize()")
+                for d in local:
+                    self._client.key_value_set_bytes(f"{self._prefix}/ipc/{d.id}", allocs[d.id][1])
             for d in local:
-                client.key_value_set_bytes(self._key(d.id), allocs[d.id][1])
-        for d in local:
-            coords = tuple(int(c) for c in np.argwhere(devices == d)[0])
-            group = np.moveaxis(devices, ax, 0)[(slice(None),) + coords[:ax] + coords[ax + 1:]]
-            ptrs, handles, peer_devs = [], [], []
-            for peer in group:
-                if peer.process_index == me:
-                    ptrs.append(allocs[peer.id][0])
-                    handles.append(b"")
-                    peer_devs.append(peer.local_hardware_id)
-                else:
-                    ptrs.append(0)
-                    handles.append(client.blocking_key_value_get_bytes(self._key(peer.id), _KV_TIMEOUT_MS))
-                    peer_devs.append(-1)
-            ext.intranode_open(self.uid, d.local_hardware_id, coords[ax], ptrs, handles, peer_devs,
-                               float(buffer.timeout_s), int(buffer.num_sms or 0))
-        self.bytes_per_rank = allocs[local[0].id][2] if local else 0
-        if multi_process:
+                self._open(ext, buffer, devices, ax, d, allocs)
+            self.bytes_per_rank = allocs[local[0].id][2] if local else 0
             # Nobody frees memory a peer may still open: wait until every process has opened its peers.
-            client.key_value_set(f"jax_ep/{self.uid}/opened/{me}", "1")
-            for p in range(jax.process_count()):
-                client.blocking_key_value_get(f"jax_ep/{self.uid}/opened/{p}", _KV_TIMEOUT_MS)
+            self._barrier("opened")
+        except Exception:
+            ext.intranode_unmap(self.uid)
+            ext.intranode_free(self.uid)
+            raise
 
-    def _key(self, device_id):
-        return f"jax_ep/{self.uid}/ipc/{device_id}"
+    def _open(self, ext, buffer, devices, ax, d, allocs):
+        coords = tuple(int(c) for c in np.argwhere(devices == d)[0])
+        group = np.moveaxis(devices, ax, 0)[(slice(None),) + coords[:ax] + coords[ax + 1:]]
+        ptrs, handles, peer_devs = [], [], []
+        for peer in group:
+            if peer.process_index == self._me:
+                ptrs.append(allocs[peer.id][0])
+                handles.append(b"")
+                peer_devs.append(peer.local_hardware_id)
+            else:
+                ptrs.append(0)
+                handles.append(self._client.blocking_key_value_get_bytes(f"{self._prefix}/ipc/{peer.id}",
+                                                                         _KV_TIMEOUT_MS))
+                peer_devs.append(-1)
+        ext.intranode_open(self.uid, d.local_hardware_id, coords[ax], ptrs, handles, peer_devs,
+                           float(buffer.timeout_s), int(buffer.num_sms or 0))
+
+    def _barrier(self, name):
+        if self._client is None:
+            return
+        self._client.key_value_set(f"{self._prefix}/{name}/{self._me}", "1")
+        for p in self._procs:
+            self._client.blocking_key_value_get(f"{self._prefix}/{name}/{p}", _KV_TIMEOUT_MS)
 
     def diagnostics(self) -> str:
         return self._ext.intranode_diagnostics(self.uid)
 
     def close(self):
-        self._ext.intranode_close(self.uid)
+        """Two phases: unmap the peers here, wait until every process of the mesh has done the same (so no
+        mapping of our memory remains), then free. Call it on every process, like every other op."""
+        self._ext.intranode_unmap(self.uid)
+        self._barrier("unmapped")
+        self._ext.intranode_free(self.uid)
 
 
 def ensure(buffer) -> IntranodeRuntime:
