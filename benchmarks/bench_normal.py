@@ -18,7 +18,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from tests.gpu.harness import global_array, log, setup  # noqa: E402
+from tests.gpu.harness import gather, global_array, log, setup, timed  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--tokens", type=int, default=4096)
@@ -40,7 +40,6 @@ import numpy as np  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import jax_ep  # noqa: E402
-from jax._src.distributed import global_state  # noqa: E402
 
 T, H, K, E = args.tokens, args.hidden, args.topk, args.experts
 rng = np.random.default_rng(0)
@@ -64,21 +63,11 @@ def bench(num_sms, with_fp8):
         return jax_ep.per_token_cast_to_fp8(x) if fp8 else x
 
 
-    def timed(f, *a):
-        jax.block_until_ready(f(*a))
-        ts = []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            jax.block_until_ready(f(*a))
-            ts.append(time.perf_counter() - t0)
-        return float(np.median(ts))
-
+    def timed_(f, *a):
+        return timed(f, *a, repeats=args.repeats)
 
     def gather_max(name, value):
-        client = global_state.client
-        client.key_value_set(f"bench/{name}/{rank}", repr(value))
-        return max(float(client.blocking_key_value_get(f"bench/{name}/{r}", 600_000)) for r in range(R))
-
+        return gather(name, value, rank, R)
 
     for fp8 in ((False, True) if with_fp8 else (False,)):
         name = "dispatch_fp8" if fp8 else "dispatch_bf16"
@@ -93,15 +82,12 @@ def bench(num_sms, with_fp8):
             return jax.lax.fori_loop(0, args.loop, body, i[0, 0] * 0)[None]
 
         n_recv = np.asarray(smap(one, 3)(pre, gi, gw).addressable_shards[0].data)[0]
-        t_op = timed(smap(loop, 3), pre, gi, gw) / args.loop
-        t_jit = timed(smap(one, 3), pre, gi, gw)
+        t_op = timed_(smap(loop, 3), pre, gi, gw) / args.loop
+        t_jit = timed_(smap(one, 3), pre, gi, gw)
         row_bytes = H + 4 * (H // 128) if fp8 else 2 * H
         results[name] = dict(recv_tokens_this_rank=int(n_recv), op_s=gather_max(f"{tag}{name}_op", t_op),
                              jit_s=gather_max(f"{tag}{name}_jit", t_jit), row_bytes=row_bytes)
-        client = global_state.client
-        client.key_value_set(f"bench/{tag}{name}/rows/{rank}", str(int(n_recv)))
-        results[name]["recv_tokens_all_ranks"] = sum(int(client.blocking_key_value_get(f"bench/{tag}{name}/rows/{r}", 600_000))
-                                                     for r in range(R))
+        results[name]["recv_tokens_all_ranks"] = int(gather(f"{tag}{name}/rows", int(n_recv), rank, R, reduce=sum))
 
     # Combine of bf16 rows along the bf16 dispatch's handle (the dispatch's own time is subtracted).
     def comb_one(x, i, w):
@@ -118,9 +104,9 @@ def bench(num_sms, with_fp8):
 
 
     t_disp_jit = results["dispatch_bf16"]["jit_s"]
-    t_comb_loop = timed(smap(comb_loop, 3), gx, gi, gw)
+    t_comb_loop = timed_(smap(comb_loop, 3), gx, gi, gw)
     t_comb_op = (t_comb_loop - results["dispatch_bf16"]["op_s"]) / args.loop
-    t_comb_jit = timed(smap(comb_one, 3), gx, gi, gw) - t_disp_jit
+    t_comb_jit = timed_(smap(comb_one, 3), gx, gi, gw) - t_disp_jit
     results["combine_bf16"] = dict(op_s=gather_max(f"{tag}combine_op", t_comb_op), jit_s=gather_max(f"{tag}combine_jit", t_comb_jit),
                                    row_bytes=2 * H, recv_tokens_all_ranks=results["dispatch_bf16"]["recv_tokens_all_ranks"])
 

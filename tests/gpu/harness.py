@@ -46,3 +46,86 @@ def local_rows(arr):
 def log(rank, *args):
     print(f"[rank {rank}]", *args, flush=True)
     sys.stdout.flush()
+
+
+class Checks:
+    """Named comparisons of GPU results against the reference; failures are logged as they happen."""
+
+    def __init__(self, rank):
+        self.rank = rank
+        self.results = []    # (name, ok)
+        self.failures = []   # "name: detail"
+
+    def __call__(self, name, got, want, exact=True, rtol=1e-5, atol=1e-5):
+        import numpy as np
+        got, want = np.asarray(got), np.asarray(want)
+        if got.dtype != want.dtype or got.shape != want.shape:
+            ok, detail = False, f"dtype/shape {got.dtype}{got.shape} vs {want.dtype}{want.shape}"
+        elif exact:
+            a = got.view(np.uint8) if got.dtype.itemsize == 1 else got
+            b = want.view(np.uint8) if want.dtype.itemsize == 1 else want
+            ok = np.array_equal(a, b)
+            detail = "" if ok else f"{int(np.sum(a != b))} elements differ"
+        else:
+            g, w = got.astype(np.float64), want.astype(np.float64)
+            err = float(np.max(np.abs(g - w) / (atol + rtol * np.abs(w)))) if g.size else 0.0
+            ok = err <= 1.0
+            detail = f"max scaled err {err:.3g}, max abs diff {float(np.max(np.abs(g - w))) if g.size else 0:.3g}"
+        self.results.append((name, bool(ok)))
+        if not ok:
+            self.failures.append(f"{name}: {detail}")
+            log(self.rank, "FAIL", name, detail)
+        return ok
+
+    def finish(self, elapsed, **extra):
+        """Log the tally, write rank 0's JSON to $JAX_EP_RESULT, and return the process exit code."""
+        import json
+        passed = sum(ok for _, ok in self.results)
+        log(self.rank, f"{passed}/{len(self.results)} checks passed in {elapsed:.1f} s")
+        if self.rank == 0 and os.environ.get("JAX_EP_RESULT"):
+            with open(os.environ["JAX_EP_RESULT"], "w") as fh:
+                json.dump(dict(checks=[dict(name=n, ok=o) for n, o in self.results], failures=self.failures,
+                               seconds=elapsed, **extra), fh, indent=1)
+        return 1 if self.failures else 0
+
+
+def routing(rng, num_ranks, T, K, E, invalid=False, duplicates=False):
+    """Random top-k routing for num_ranks x T tokens: distinct experts per token, 20% -1 entries, a -1
+    tail of uneven length per rank; optionally out-of-range ids (must count as -1) and repeated ids."""
+    import numpy as np
+    idx = np.stack([rng.permutation(E)[:K] for _ in range(num_ranks * T)]).astype(np.int32)
+    idx[rng.random(idx.shape) < 0.2] = -1
+    for r in range(num_ranks):
+        n = rng.integers(T // 2, T + 1)
+        idx[r * T + n:(r + 1) * T] = -1
+    if invalid:
+        idx[rng.random(idx.shape) < 0.02] = E + 5
+        idx[rng.random(idx.shape) < 0.01] = -7
+    if duplicates and K > 1:
+        rows = rng.random(idx.shape[0]) < 0.1
+        idx[rows, K - 1] = idx[rows, 0]
+    w = rng.random(idx.shape).astype(np.float32)
+    return idx, w
+
+
+def timed(f, *args, repeats=10):
+    """Median wall seconds of ``f(*args)`` (compiled and warmed up first)."""
+    import time
+
+    import jax
+    import numpy as np
+    jax.block_until_ready(f(*args))
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
+def gather(name, value, rank, num_ranks, reduce=max):
+    """``reduce`` over every rank's ``value`` (a float), through the distributed key-value store."""
+    from jax._src.distributed import global_state
+    client = global_state.client
+    client.key_value_set(f"bench/{name}/{rank}", repr(value))
+    return reduce(float(client.blocking_key_value_get(f"bench/{name}/{r}", 600_000)) for r in range(num_ranks))

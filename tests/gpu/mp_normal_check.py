@@ -5,13 +5,13 @@ summary to $JAX_EP_RESULT if set."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from tests.gpu.harness import global_array, local_rows, log, setup  # noqa: E402
+from tests.gpu.harness import Checks, global_array, local_rows, log, setup  # noqa: E402
+from tests.gpu.harness import routing as shared_routing  # noqa: E402
 
 rank, R, gpu_mesh, cpu_mesh = setup()
 
@@ -23,41 +23,11 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 import jax_ep  # noqa: E402
 
 GPU_BACKEND = "reference" if os.environ.get("JAX_EP_DRYRUN") else "cuda"
-failures = []
-checks = []
-
-
-def check(name, got, want, exact=True, rtol=1e-5, atol=1e-5):
-    got, want = np.asarray(got), np.asarray(want)
-    if got.dtype != want.dtype or got.shape != want.shape:
-        ok, detail = False, f"dtype/shape {got.dtype}{got.shape} vs {want.dtype}{want.shape}"
-    elif exact:
-        a = got.view(np.uint8) if got.dtype.itemsize == 1 else got
-        b = want.view(np.uint8) if want.dtype.itemsize == 1 else want
-        ok = np.array_equal(a, b)
-        detail = "" if ok else f"{int(np.sum(a != b))} elements differ"
-    else:
-        g, w = got.astype(np.float64), want.astype(np.float64)
-        err = float(np.max(np.abs(g - w) / (atol + rtol * np.abs(w)))) if g.size else 0.0
-        ok = err <= 1.0
-        detail = f"max scaled err {err:.3g}, max abs diff {float(np.max(np.abs(g - w))) if g.size else 0:.3g}"
-    checks.append((name, ok))
-    if not ok:
-        failures.append(f"{name}: {detail}")
-        log(rank, "FAIL", name, detail)
+check = Checks(rank)
 
 
 def routing(rng, T, K, E, invalid=False):
-    idx = np.stack([rng.permutation(E)[:K] for _ in range(R * T)]).astype(np.int32)
-    idx[rng.random(idx.shape) < 0.2] = -1
-    for r in range(R):  # uneven valid tokens per rank: the tail of each rank routes nowhere
-        n = rng.integers(T // 2, T + 1)
-        idx[r * T + n:(r + 1) * T] = -1
-    if invalid:
-        idx[rng.random(idx.shape) < 0.02] = E + 5
-        idx[rng.random(idx.shape) < 0.01] = -7
-    w = rng.random(idx.shape).astype(np.float32)
-    return idx, w
+    return shared_routing(rng, R, T, K, E, invalid)
 
 
 def run(mesh, backend, fn, arrays, n_out):
@@ -158,9 +128,4 @@ case_dispatch(T=64, H=128, K=16, E=max(16, 4 * R), dtype="bfloat16", C=5)
 case_expert_major_and_grad(T=128, H=256, K=4, E=8 * R)
 case_determinism()
 elapsed = time.time() - t0
-log(rank, f"{sum(ok for _, ok in checks)}/{len(checks)} checks passed in {elapsed:.1f} s")
-if rank == 0 and os.environ.get("JAX_EP_RESULT"):
-    with open(os.environ["JAX_EP_RESULT"], "w") as fh:
-        json.dump(dict(ranks=R, checks=[dict(name=n, ok=bool(o)) for n, o in checks], failures=failures,
-                       seconds=elapsed, device=str(jax.devices()[0].device_kind)), fh, indent=1)
-sys.exit(1 if failures else 0)
+sys.exit(check.finish(elapsed, ranks=R, device=str(jax.devices()[0].device_kind)))

@@ -47,4 +47,7 @@ except Exception as e:  # noqa: BLE001 - a trapped kernel surfaces as an XLA run
     log(rank, f"failed after {elapsed:.1f} s: {type(e).__name__}; diagnostics: {diag!r}")
     ok = "waiting for rank 1" in diag and elapsed < 5 * buf.timeout_s + 30
     sys.stdout.flush()
+    # Outlive rank 1 (it hosts no coordinator, this rank does): its clean exit must come first, or losing
+    # the coordination service kills it with a non-zero code that the launcher would report.
+    time.sleep(max(0.0, 3 * buf.timeout_s + 15 - elapsed))
     os._exit(0 if ok else 1)   # the CUDA context is gone after the trap: skip normal teardown
