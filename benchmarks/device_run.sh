@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# One whole GPU pass on the device machine (correctness + benchmark), logs and JSON under $OUT.
-# Usage (repo root there): bash benchmarks/device_run.sh [ranks...]   (default: 2 4 8)
+# One whole GPU pass on the device machine (correctness + benchmarks), logs and JSON under $OUT.
+# Usage (repo root there): [PARTS="..."] bash benchmarks/device_run.sh [ranks...]   (default ranks: 2 4 8)
+# PARTS (default all): normal (pytest + multi-rank checks + timeout check), flax (MoE layer on the cuda
+# backend, command buffers on), ll (low-latency pytest + checks),
+# bench_normal (R=8, DeepEP's normal config), bench_ll (R=2 and R=8, DeepEP's low-latency config).
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_EP_TIMEOUT_S=${JAX_EP_TIMEOUT_S:-20}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+PARTS=${PARTS:-normal flax ll bench_normal bench_ll}
+CMDBUF="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1"
+has() { [[ " $PARTS " == *" $1 "* ]]; }
 if ls .whl/jax_ep-*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/jax_ep-*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD
@@ -15,22 +21,45 @@ RANKS=${*:-2 4 8}
   echo "commit: $(cat .dev/commit 2>/dev/null || git rev-parse HEAD 2>/dev/null)"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -m jax_ep info 2>&1 | tail -3
-} | tee "$OUT/env.txt"
-python3 benchmarks/hbm_copy.py | tee "$OUT/hbm.json"
+} > "$OUT/summary.txt"
+python3 benchmarks/hbm_copy.py > "$OUT/hbm.json"; cat "$OUT/hbm.json" >> "$OUT/summary.txt"
 B=$(python3 -c "import json;print(json.load(open('$OUT/hbm.json'))['hbm_copy_bytes_per_s'])")
-timeout 240 python3 -m pytest -q tests/test_gpu_layout.py "tests/test_gpu_normal.py::test_single_process_matches_reference" -x -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/pytest_gpu_single.txt"
-XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1" \
-  timeout 240 python3 -m pytest -q tests/test_gpu_flax.py -p no:cacheprovider 2>&1 | tail -5 | tee "$OUT/pytest_gpu_flax.txt"
-for R in $RANKS; do
-  JAX_EP_RESULT=$OUT/check_R$R.json timeout 170 python3 -m jax_ep.launch --nproc "$R" --timeout 150 -- \
-    python3 tests/gpu/mp_normal_check.py > "$OUT/check_R$R.log" 2>&1
-  echo "R=$R check exit $?"; grep -E "checks passed|FAIL|Error|timed out" "$OUT/check_R$R.log" | sort | uniq -c | head -20
-done
-JAX_EP_TIMEOUT_S=3 timeout 150 python3 -m jax_ep.launch --nproc 2 --timeout 120 -- python3 tests/gpu/mp_timeout_check.py \
-  > "$OUT/timeout_check.log" 2>&1
-echo "timeout check exit $? (0 = the waiting rank failed naming rank 1)"; grep -E "failed after|ERROR" "$OUT/timeout_check.log" | head -3
-if [ "${BENCH:-1}" != 0 ]; then
-  timeout 220 python3 -m jax_ep.launch --nproc 8 --timeout 200 -- python3 benchmarks/bench_normal.py \
-    --hbm-bytes-per-s "$B" --out "$OUT/bench_R8.json" --num-sms "${NUM_SMS:-0}" > "$OUT/bench_R8.log" 2>&1
-  echo "bench exit $?"; grep -E "BENCH|Error|timed out" "$OUT/bench_R8.log" | head -5
+mp_check() {  # mp_check NAME R SCRIPT [XLA_FLAGS]
+  XLA_FLAGS="${4:-}" JAX_EP_RESULT=$OUT/$1_R$2.json timeout 200 python3 -m jax_ep.launch --nproc "$2" --timeout 180 -- \
+    python3 "$3" > "$OUT/$1_R$2.log" 2>&1
+  echo "$1 R=$2 exit $?"; grep -E "checks passed|FAIL|Error|timed out" "$OUT/$1_R$2.log" | sort | uniq -c | head -12
+}
+{
+if has normal; then
+  timeout 240 python3 -m pytest -q tests/test_gpu_layout.py "tests/test_gpu_normal.py::test_single_process_matches_reference" -x -p no:cacheprovider 2>&1 | tail -3
+  for R in $RANKS; do mp_check normal "$R" tests/gpu/mp_normal_check.py; done
+  JAX_EP_TIMEOUT_S=3 timeout 150 python3 -m jax_ep.launch --nproc 2 --timeout 120 -- python3 tests/gpu/mp_timeout_check.py \
+    > "$OUT/timeout_check.log" 2>&1
+  echo "timeout check exit $? (0 = the waiting rank failed naming rank 1)"; grep -E "failed after|ERROR" "$OUT/timeout_check.log" | head -3
 fi
+if has flax; then
+  XLA_FLAGS="$CMDBUF" timeout 240 python3 -m pytest -q tests/test_gpu_flax.py -p no:cacheprovider 2>&1 | tail -3
+fi
+if has ll; then
+  timeout 240 python3 -m pytest -q tests/test_gpu_low_latency.py -k "single_process or third" -p no:cacheprovider 2>&1 | tail -15
+  for R in $RANKS; do
+    if [ "$R" = 8 ]; then mp_check ll "$R" tests/gpu/mp_low_latency_check.py "$CMDBUF"; else mp_check ll "$R" tests/gpu/mp_low_latency_check.py; fi
+  done
+fi
+if has bench_normal; then
+  timeout 220 python3 -m jax_ep.launch --nproc 8 --timeout 200 -- python3 benchmarks/bench_normal.py \
+    --hbm-bytes-per-s "$B" --out "$OUT/bench_normal_R8.json" --num-sms "${NUM_SMS:-0}" > "$OUT/bench_normal_R8.log" 2>&1
+  echo "bench_normal exit $?"; grep -E "BENCH|Error|timed out" "$OUT/bench_normal_R8.log" | head -5
+fi
+if has bench_ll; then
+  for cfg in "2 256" "8 256" "8 288"; do
+    set -- $cfg
+    timeout 200 python3 -m jax_ep.launch --nproc "$1" --timeout 180 -- python3 benchmarks/bench_low_latency.py \
+      --experts "$2" --hbm-bytes-per-s "$B" --out "$OUT/bench_ll_R$1_E$2.json" > "$OUT/bench_ll_R$1_E$2.log" 2>&1
+    echo "bench_ll R=$1 E=$2 exit $?"; grep -E "BENCH|Error|error|timed out" "$OUT/bench_ll_R$1_E$2.log" | head -5
+  done
+fi
+} 2>&1 | tee -a "$OUT/summary.txt"
+# At most 8 files come back from the device tool: the summary, and everything else in one archive.
+(cd "$OUT" && tar czf all.tgz $(ls *.json *.log 2>/dev/null) && rm -f *.json *.log)
+ls "$OUT"

@@ -467,6 +467,13 @@ const char* wait_phase_name(int phase) {
     case kPhaseCombineEnter: return "combine (enter barrier)";
     case kPhaseCombineRecv: return "combine (receive)";
     case kPhaseClosed: return "an op on a closed buffer";
+    case kPhaseLowLatencyDispatchSend: return "low-latency dispatch send (receiver's staging area still in use)";
+    case kPhaseLowLatencyDispatchRecv: return "low-latency dispatch receive";
+    case kPhaseLowLatencyCombineSend: return "low-latency combine send (receiver's staging area still in use)";
+    case kPhaseLowLatencyCombineRecv: return "low-latency combine receive";
+    case kPhaseLowLatencyTooMany:
+      return "a low-latency send while two results of the same kind were still pending (call *_recv before a "
+             "third *_send)";
     default: return "unknown phase";
   }
 }

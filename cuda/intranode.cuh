@@ -14,6 +14,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "cuda/low_latency_layout.cuh"
+
 namespace jax_ep {
 
 inline constexpr int kMaxPeers = 64;  // ranks of one load/store group (a 64-bit rank mask)
@@ -50,9 +52,10 @@ struct PeerView {
   uint8_t* const* peers = nullptr;
   int rank = 0;
   IntranodeLayout layout;
+  LowLatencyLayout ll;  // the low-latency area (ll.enabled) of the same block
   unsigned long long timeout_ns = 0;
   int* diag = nullptr;  // host-mapped i32[4]: {phase + 1, rank, peer, 0} of the first timeout
-  const int* alive = nullptr;  // host-mapped: 1 while open; a CUDA graph replayed after close() sees 0
+  const int* alive = nullptr;  // device word: 1 while open; a CUDA graph replayed after close() sees 0
 };
 
 // Wait phases, reported by timeouts.
@@ -63,6 +66,11 @@ enum WaitPhase : int {
   kPhaseCombineEnter = 3,
   kPhaseCombineRecv = 4,
   kPhaseClosed = 5,  // an op ran on a closed buffer (a replayed graph)
+  kPhaseLowLatencyDispatchSend = 6,  // waiting for a receiver to free its staging area (epoch n - 2)
+  kPhaseLowLatencyDispatchRecv = 7,
+  kPhaseLowLatencyCombineSend = 8,
+  kPhaseLowLatencyCombineRecv = 9,
+  kPhaseLowLatencyTooMany = 10,  // a third send before the first result was received (not a wait)
 };
 const char* wait_phase_name(int phase);
 

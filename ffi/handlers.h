@@ -12,3 +12,9 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpGetDispatchLayout);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpDispatch);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpCachedDispatch);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpCombine);
+
+// Low-latency (decode) mode, split phases (ffi/low_latency_handler.cc).
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpLowLatencyDispatchSend);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpLowLatencyDispatchRecv);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpLowLatencyCombineSend);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpLowLatencyCombineRecv);

@@ -20,6 +20,7 @@
 #include <vector>
 #include <type_traits>
 
+#include "cuda/low_latency.cuh"
 #include "ffi/handlers.h"
 #include "ffi/runtime.h"
 #include "xla/ffi/api/c_api.h"
@@ -58,6 +59,10 @@ nb::dict Registrations() {
   d[nb::str("jax_ep_dispatch")] = Capsule(JaxEpDispatch);
   d[nb::str("jax_ep_cached_dispatch")] = Capsule(JaxEpCachedDispatch);
   d[nb::str("jax_ep_combine")] = Capsule(JaxEpCombine);
+  d[nb::str("jax_ep_ll_dispatch_send")] = Capsule(JaxEpLowLatencyDispatchSend);
+  d[nb::str("jax_ep_ll_dispatch_recv")] = Capsule(JaxEpLowLatencyDispatchRecv);
+  d[nb::str("jax_ep_ll_combine_send")] = Capsule(JaxEpLowLatencyCombineSend);
+  d[nb::str("jax_ep_ll_combine_recv")] = Capsule(JaxEpLowLatencyCombineRecv);
   return d;
 }
 
@@ -83,8 +88,15 @@ nb::dict BuildInfo() {
   return d;
 }
 
-jax_ep::IntranodeLayout Layout(int num_ranks, int capacity, int max_tokens, int num_topk, int max_row_bytes,
-                               int max_scale_bytes) {
+struct Layouts {
+  jax_ep::IntranodeLayout intranode;
+  jax_ep::LowLatencyLayout low_latency;
+  size_t total() const { return low_latency.enabled ? low_latency.end : intranode.total; }
+};
+
+// ll_num_experts = 0: no low-latency area.
+Layouts Layout(int num_ranks, int capacity, int max_tokens, int num_topk, int max_row_bytes, int max_scale_bytes,
+               int ll_num_experts, int ll_hidden) {
   if (num_ranks < 1 || num_ranks > jax_ep::kMaxPeers) {
     throw std::invalid_argument("jax_ep: the intranode kernels support 1.." + std::to_string(jax_ep::kMaxPeers) +
                                 " ranks, got " + std::to_string(num_ranks));
@@ -98,14 +110,32 @@ jax_ep::IntranodeLayout Layout(int num_ranks, int capacity, int max_tokens, int 
       int64_t{max_tokens} * num_topk >= limit || int64_t{max_tokens} * num_ranks >= limit) {
     throw std::invalid_argument("jax_ep: buffer too large for 32-bit row indices");
   }
-  return jax_ep::make_intranode_layout(num_ranks, capacity, max_tokens, num_topk, max_row_bytes, max_scale_bytes);
+  Layouts l;
+  l.intranode = jax_ep::make_intranode_layout(num_ranks, capacity, max_tokens, num_topk, max_row_bytes,
+                                              max_scale_bytes);
+  if (ll_num_experts > 0) {
+    if (ll_num_experts % num_ranks || ll_hidden < 8 || ll_hidden % 8) {
+      throw std::invalid_argument("jax_ep: low-latency mode needs num_experts % num_ranks == 0 and hidden % 8 == 0");
+    }
+    const int64_t bitmap = int64_t{4} * ll_num_experts * ((max_tokens + 31) / 32);
+    if (bitmap > jax_ep::kLowLatencyMaxBitmapBytes || max_tokens >= (1 << jax_ep::kSignalCountBits)) {
+      throw std::invalid_argument(
+          "jax_ep: low-latency mode needs num_experts * ceil(max_tokens_per_rank / 32) * 4 <= " +
+          std::to_string(jax_ep::kLowLatencyMaxBitmapBytes) + " bytes (got " + std::to_string(bitmap) +
+          "): use fewer tokens per rank for decode");
+    }
+  }
+  l.low_latency = jax_ep::make_low_latency_layout(l.intranode.total, num_ranks, ll_num_experts, max_tokens, num_topk,
+                                                  ll_hidden);
+  return l;
 }
 
 std::tuple<uintptr_t, nb::bytes, size_t> IntranodeAlloc(int64_t uid, int device, int num_ranks, int capacity,
                                                         int max_tokens, int num_topk, int max_row_bytes,
-                                                        int max_scale_bytes) {
-  auto r = jax_ep::runtime_alloc(
-      uid, device, Layout(num_ranks, capacity, max_tokens, num_topk, max_row_bytes, max_scale_bytes));
+                                                        int max_scale_bytes, int ll_num_experts, int ll_hidden) {
+  const Layouts l = Layout(num_ranks, capacity, max_tokens, num_topk, max_row_bytes, max_scale_bytes, ll_num_experts,
+                           ll_hidden);
+  auto r = jax_ep::runtime_alloc(uid, device, l.intranode, l.low_latency, l.total());
   return {r.ptr, nb::bytes(r.ipc_handle.data(), r.ipc_handle.size()), r.bytes};
 }
 
@@ -126,15 +156,18 @@ NB_MODULE(_C, m) {
   m.def("build_info", &BuildInfo,
         "Dict describing how this extension was built (CUDA archs, versions).");
   m.def("intranode_bytes",
-        [](int num_ranks, int capacity, int max_tokens, int num_topk, int max_row_bytes, int max_scale_bytes) {
-          return Layout(num_ranks, capacity, max_tokens, num_topk, max_row_bytes, max_scale_bytes).total;
+        [](int num_ranks, int capacity, int max_tokens, int num_topk, int max_row_bytes, int max_scale_bytes,
+           int ll_num_experts, int ll_hidden) {
+          return Layout(num_ranks, capacity, max_tokens, num_topk, max_row_bytes, max_scale_bytes, ll_num_experts,
+                        ll_hidden)
+              .total();
         },
         nb::arg("num_ranks"), nb::arg("capacity"), nb::arg("max_tokens"), nb::arg("num_topk"),
-        nb::arg("max_row_bytes"), nb::arg("max_scale_bytes"),
+        nb::arg("max_row_bytes"), nb::arg("max_scale_bytes"), nb::arg("ll_num_experts") = 0, nb::arg("ll_hidden") = 0,
         "Bytes of one rank's intranode communication memory for this configuration.");
   m.def("intranode_alloc", &IntranodeAlloc, nb::arg("uid"), nb::arg("device"), nb::arg("num_ranks"),
         nb::arg("capacity"), nb::arg("max_tokens"), nb::arg("num_topk"), nb::arg("max_row_bytes"),
-        nb::arg("max_scale_bytes"),
+        nb::arg("max_scale_bytes"), nb::arg("ll_num_experts") = 0, nb::arg("ll_hidden") = 0,
         "Allocate (cudaMalloc, zeroed) this rank's communication memory: (pointer, CUDA IPC handle, bytes).");
   m.def("intranode_open", &IntranodeOpen, nb::arg("uid"), nb::arg("device"), nb::arg("rank"), nb::arg("ptrs"),
         nb::arg("handles"), nb::arg("peer_devices"), nb::arg("timeout_s"), nb::arg("num_blocks"),
@@ -143,6 +176,10 @@ NB_MODULE(_C, m) {
         "Close phase 1: wait for this process's work, unmap the peers, mark the buffer dead.");
   m.def("intranode_free", &jax_ep::runtime_free, nb::arg("uid"),
         "Close phase 2 (after every process unmapped): free this process's communication memory.");
+  m.def("low_latency_kernel_times", &jax_ep::runtime_low_latency_times, nb::arg("uid"), nb::arg("device"),
+        nb::arg("reset") = false,
+        "Kernel-side low-latency times: [ns, launches] x (dispatch send, dispatch recv, combine send, combine "
+        "recv) since the last reset. Synchronises the device.");
   m.def("intranode_diagnostics", &jax_ep::runtime_diagnostics, nb::arg("uid"),
         "The first device-side timeout recorded for this buffer ('' if none).");
 }

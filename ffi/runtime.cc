@@ -15,11 +15,16 @@ namespace {
 struct GroupState {
   int device = 0;
   IntranodeLayout layout;
+  LowLatencyLayout ll;
+  size_t bytes = 0;
   uint8_t* local = nullptr;
   uint8_t** peers_dev = nullptr;
   std::vector<void*> ipc_opened;
   int* diag_host = nullptr;
-  int* alive_host = nullptr;  // never freed: a replayed CUDA graph may still read it after close
+  // 1 while open. Device memory, read by every block of every kernel (a host-mapped word costs a PCIe round
+  // trip per block: measured ~1.5 us each, serialised). Never freed: a replayed CUDA graph may read it
+  // after close().
+  int* alive = nullptr;
   PeerView view;
   int num_blocks = 0;
   bool open = false;
@@ -47,9 +52,13 @@ class DeviceGuard {
   int previous_ = 0;
 };
 
+void set_alive(int* flag, int value) {
+  check(cudaMemcpy(flag, &value, sizeof(int), cudaMemcpyHostToDevice), "cudaMemcpy (liveness flag)");
+}
+
 void unmap(GroupState& g) {
   DeviceGuard guard(g.device);
-  if (g.alive_host) *reinterpret_cast<volatile int*>(g.alive_host) = 0;
+  if (g.alive) set_alive(g.alive, 0);
   cudaDeviceSynchronize();  // no kernel of ours may still use the peers' memory
   for (void* p : g.ipc_opened) cudaIpcCloseMemHandle(p);
   g.ipc_opened.clear();
@@ -81,36 +90,48 @@ std::vector<std::unique_ptr<GroupState>> take(int64_t uid) {
   return out;
 }
 
+// The recorded failure {phase + 1, rank, peer} in words.
+std::string describe_failure(volatile int* d) {
+  const int phase = d[0] - 1;
+  if (phase == kPhaseLowLatencyTooMany || phase == kPhaseClosed) {
+    return "rank " + std::to_string(d[1]) + ": " + wait_phase_name(phase);
+  }
+  return "rank " + std::to_string(d[1]) + " timed out waiting for rank " + std::to_string(d[2]) + " in " +
+         wait_phase_name(phase);
+}
+
 std::mutex g_unmapped_mutex;
 std::map<int64_t, std::vector<std::unique_ptr<GroupState>>> g_unmapped;  // between unmap and free
 
 }  // namespace
 
-AllocResult runtime_alloc(int64_t uid, int device, const IntranodeLayout& layout) {
+AllocResult runtime_alloc(int64_t uid, int device, const IntranodeLayout& layout, const LowLatencyLayout& ll,
+                          size_t total_bytes) {
   std::lock_guard<std::mutex> lock(g_mutex);
   auto key = std::make_pair(uid, device);
   if (g_groups.count(key)) throw std::runtime_error("jax_ep runtime: buffer already allocated on this device");
   auto g = std::make_unique<GroupState>();
   g->device = device;
   g->layout = layout;
+  g->ll = ll;
+  g->bytes = total_bytes;
   DeviceGuard guard(device);
   void* mem = nullptr;
-  check(cudaMalloc(&mem, layout.total), "cudaMalloc of the communication buffer");
+  check(cudaMalloc(&mem, total_bytes), "cudaMalloc of the communication buffer");
   g->local = static_cast<uint8_t*>(mem);
-  check(cudaMemset(mem, 0, layout.total), "cudaMemset");
+  check(cudaMemset(mem, 0, total_bytes), "cudaMemset");
   check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
   cudaIpcMemHandle_t handle;
   check(cudaIpcGetMemHandle(&handle, mem), "cudaIpcGetMemHandle");
   check(cudaHostAlloc(reinterpret_cast<void**>(&g->diag_host), 4 * sizeof(int), cudaHostAllocMapped),
         "cudaHostAlloc (diagnostics)");
   std::memset(g->diag_host, 0, 4 * sizeof(int));
-  check(cudaHostAlloc(reinterpret_cast<void**>(&g->alive_host), sizeof(int), cudaHostAllocMapped),
-        "cudaHostAlloc (liveness flag)");
-  *g->alive_host = 0;
+  check(cudaMalloc(reinterpret_cast<void**>(&g->alive), sizeof(int)), "cudaMalloc (liveness flag)");
+  set_alive(g->alive, 0);
   AllocResult result;
   result.ptr = reinterpret_cast<uintptr_t>(mem);
   result.ipc_handle.assign(reinterpret_cast<const char*>(&handle), sizeof(handle));
-  result.bytes = layout.total;
+  result.bytes = total_bytes;
   g_groups[key] = std::move(g);
   return result;
 }
@@ -169,12 +190,11 @@ void runtime_open(int64_t uid, int device, int rank, const std::vector<uintptr_t
   g.view.peers = g.peers_dev;
   g.view.rank = rank;
   g.view.layout = g.layout;
+  g.view.ll = g.ll;
   g.view.timeout_ns = static_cast<unsigned long long>(timeout_s * 1e9);
   g.view.diag = diag_dev;
-  int* alive_dev = nullptr;
-  check(cudaHostGetDevicePointer(reinterpret_cast<void**>(&alive_dev), g.alive_host, 0), "cudaHostGetDevicePointer");
-  g.view.alive = alive_dev;
-  *reinterpret_cast<volatile int*>(g.alive_host) = 1;
+  g.view.alive = g.alive;
+  set_alive(g.alive, 1);
   if (num_blocks <= 0) {
     int sms = 0;
     check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
@@ -204,14 +224,32 @@ void runtime_free(int64_t uid) {
   for (auto& g : groups) free_local(*g);
 }
 
+std::vector<uint64_t> runtime_low_latency_times(int64_t uid, int device, bool reset) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  auto it = g_groups.find(std::make_pair(uid, device));
+  if (it == g_groups.end() || !it->second->ll.enabled) {
+    throw std::runtime_error("jax_ep runtime: no low-latency buffer " + std::to_string(uid) + " on device " +
+                             std::to_string(device));
+  }
+  GroupState& g = *it->second;
+  DeviceGuard guard(g.device);
+  check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  uint64_t* timing = reinterpret_cast<uint64_t*>(g.local + g.ll.timing);
+  std::vector<uint64_t> out(2 * kLowLatencyKernels);
+  check(cudaMemcpy(out.data(), timing + kLowLatencyKernels, out.size() * sizeof(uint64_t), cudaMemcpyDeviceToHost),
+        "cudaMemcpy (kernel times)");
+  if (reset) check(cudaMemset(timing + kLowLatencyKernels, 0, out.size() * sizeof(uint64_t)), "cudaMemset");
+  check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  return out;
+}
+
 std::string runtime_diagnostics(int64_t uid) {
   std::lock_guard<std::mutex> lock(g_mutex);
   for (auto& [key, g] : g_groups) {
     if (key.first != uid || g->diag_host == nullptr) continue;
     volatile int* d = g->diag_host;
     if (d[0] != 0) {
-      return "rank " + std::to_string(d[1]) + " timed out waiting for rank " + std::to_string(d[2]) + " in " +
-             wait_phase_name(d[0] - 1);
+      return describe_failure(d);
     }
   }
   return "";
@@ -227,8 +265,7 @@ bool runtime_view(int64_t uid, int device, PeerView* view, int* num_blocks, std:
   }
   volatile int* d = it->second->diag_host;
   if (d[0] != 0) {
-    *error = "an earlier call failed: rank " + std::to_string(d[1]) + " timed out waiting for rank " +
-             std::to_string(d[2]) + " in " + wait_phase_name(d[0] - 1);
+    *error = "an earlier call failed: " + describe_failure(d);
     return false;
   }
   *num_blocks = it->second->num_blocks;

@@ -17,8 +17,10 @@ struct AllocResult {
   size_t bytes = 0;
 };
 
-// Allocate and zero this rank's communication memory on `device`.
-AllocResult runtime_alloc(int64_t uid, int device, const IntranodeLayout& layout);
+// Allocate and zero this rank's communication memory on `device`: the intranode area, then (when
+// enabled) the low-latency area, `total_bytes` in all.
+AllocResult runtime_alloc(int64_t uid, int device, const IntranodeLayout& layout, const LowLatencyLayout& ll,
+                          size_t total_bytes);
 
 // Make the peer table. For each rank r: peer_devices[r] >= 0 means an in-process allocation on that
 // device (peer_ptrs[r]); otherwise peer_handles[r] is a CUDA IPC handle from another process.
@@ -31,6 +33,10 @@ void runtime_open(int64_t uid, int device, int rank, const std::vector<uintptr_t
 // process of the group has unmapped -- free.
 void runtime_unmap(int64_t uid);
 void runtime_free(int64_t uid);
+
+// Low-latency kernel-side times of (uid, device): per kernel (dispatch send, dispatch recv, combine send,
+// combine recv) {total ns, launches} since the last reset. Synchronises the device (benchmarks only).
+std::vector<uint64_t> runtime_low_latency_times(int64_t uid, int device, bool reset);
 
 // First recorded device-side timeout of this uid on this process: "" if none.
 std::string runtime_diagnostics(int64_t uid);

@@ -119,15 +119,21 @@ class Buffer:
 
     @property
     def size_hint(self) -> int:
-        """Bytes of communication memory one rank's CUDA runtime allocates for this config (the intranode
-        layout of cuda/intranode.cu: flags, count matrix, a C-row staging area and an R x T_max combine
-        area, rows sized for f32 payloads). The reference backend allocates nothing."""
+        """Bytes of communication memory one rank's CUDA runtime allocates for this config (mirrors
+        cuda/intranode.cu and cuda/low_latency.cu): flags, count matrix, a C-row staging area and an R x T_max
+        combine area (rows sized for f32 payloads); with ``low_latency``, a double-buffered expert-major
+        staging area ``2 x E x T_max`` rows of ``16 + 2H`` bytes and a ``2 x T_max x K`` bf16 combine area.
+        The reference backend allocates nothing."""
         def area(nbytes):
             return (nbytes + 255) // 256 * 256
         R, C, T, K, H = self.num_ranks, self.recv_capacity, self.max_tokens_per_rank, self.num_topk, self.hidden
         row = (4 * max(H, K) + 15) // 16 * 16
         scales = (4 * math.ceil(H / 128) + 15) // 16 * 16
-        sizes = (8, 8, 8 * R, 8 * R, 4 * 2 * R * R, C * row, C * scales, 4 * C * K, 4 * C * K, 4 * C, R * T * row)
+        sizes = [8, 8, 8 * R, 8 * R, 4 * 2 * R * R, C * row, C * scales, 4 * C * K, 4 * C * K, 4 * C, R * T * row]
+        if self.low_latency:
+            E = self.num_experts
+            stride = (16 + 2 * H + 15) // 16 * 16
+            sizes += [8, 8, 16, 8 * 3 * 4, 8 * 2 * E, 8 * R, 8 * 2 * R, 8 * R, 2 * E * T * stride, 2 * T * K * 2 * H]
         return int(sum(area(n) for n in sizes))
 
     # -- lifetime -------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 # Ops that have a CUDA kernel (read by jax_ep._backend to pick the backend per op).
-SUPPORTED_OPS = frozenset({"get_dispatch_layout", "dispatch"})
+SUPPORTED_OPS = frozenset({"get_dispatch_layout", "dispatch", "low_latency_dispatch", "low_latency_combine"})
 
 # XLA FFI target names (must match ffi/module.cc's registrations()).
 TARGET_GET_DISPATCH_LAYOUT = "jax_ep_get_dispatch_layout"

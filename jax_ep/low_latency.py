@@ -6,6 +6,7 @@ calling the phases separately lets XLA schedule independent compute between them
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
 import jax.numpy as jnp
@@ -20,6 +21,14 @@ from .reference.low_latency import LowLatencyConfig
 def _impl(backend: str):
     return importlib.import_module(
         "jax_ep.reference.low_latency" if backend == "reference" else "jax_ep.cuda_backend.low_latency")
+
+
+def _with_runtime(cfg: LowLatencyConfig, buffer: Buffer, backend: str) -> LowLatencyConfig:
+    """The cuda backend names the Buffer's communication memory (allocated on first use) in the config."""
+    if backend != "cuda":
+        return cfg
+    from .cuda_backend import runtime
+    return dataclasses.replace(cfg, runtime_uid=runtime.ensure(buffer).uid)
 
 
 def _config(fn, buffer: Buffer, x, topk_idx, use_fp8, round_scale, use_ue8m0):
@@ -38,7 +47,8 @@ def _config(fn, buffer: Buffer, x, topk_idx, use_fp8, round_scale, use_ue8m0):
     _validate.check_topk(fn, buffer, topk_idx, num_tokens=x.shape[0])
     return LowLatencyConfig(axis=buffer.axis, num_ranks=buffer.num_ranks, num_experts=buffer.num_experts,
                             max_tokens_per_rank=buffer.max_tokens_per_rank, use_fp8=bool(use_fp8),
-                            round_scale=bool(round_scale or use_ue8m0), use_ue8m0=bool(use_ue8m0))
+                            round_scale=bool(round_scale or use_ue8m0), use_ue8m0=bool(use_ue8m0),
+                            hidden=buffer.hidden)
 
 
 def low_latency_dispatch_send(buffer: Buffer, x, topk_idx, *, use_fp8: bool = True, round_scale: bool = False,
@@ -46,6 +56,7 @@ def low_latency_dispatch_send(buffer: Buffer, x, topk_idx, *, use_fp8: bool = Tr
     """Start a low-latency dispatch; returns a pending token for ``low_latency_dispatch_recv``."""
     cfg = _config("low_latency_dispatch", buffer, x, topk_idx, use_fp8, round_scale, use_ue8m0)
     backend = _backend.resolve("low_latency_dispatch", buffer.backend, _backend.platform_of(buffer))
+    cfg = _with_runtime(cfg, buffer, backend)
     arrays = _impl(backend).dispatch_send(cfg, x, topk_idx)
     return LowLatencyPending(arrays=arrays, backend=backend, kind=_kind("dispatch", cfg))
 
@@ -96,7 +107,8 @@ def low_latency_combine_send(buffer: Buffer, y, handle: LowLatencyHandle) -> Low
         raise ValueError(f"jax_ep.{fn}: y must be bfloat16 {list(shape)}, got {y.dtype}{list(y.shape)}")
     cfg = LowLatencyConfig(axis=buffer.axis, num_ranks=buffer.num_ranks, num_experts=buffer.num_experts,
                            max_tokens_per_rank=buffer.max_tokens_per_rank, use_fp8=handle.use_fp8,
-                           round_scale=False, use_ue8m0=handle.use_ue8m0)
+                           round_scale=False, use_ue8m0=handle.use_ue8m0, hidden=buffer.hidden)
+    cfg = _with_runtime(cfg, buffer, handle.backend)
     arrays = _impl(handle.backend).combine_send(cfg, y, handle.arrays)
     return LowLatencyPending(arrays=arrays, backend=handle.backend, kind=_kind("combine", cfg))
 

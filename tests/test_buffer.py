@@ -131,6 +131,8 @@ def test_size_hint_matches_the_cuda_layout():
     if _cuda.extension_error() is not None:
         pytest.skip("CUDA extension not built")
     from jax_ep.cuda_backend import runtime
-    for R, H, K, T in ((1, 7168, 8, 4096), (4, 264, 3, 200), (8, 128, 16, 64)):
-        buf = jax_ep.Buffer(ep_mesh(R), num_experts=8 * R, hidden=H, max_tokens_per_rank=T, num_topk=K)
+    for R, H, K, T, ll in ((1, 7168, 8, 4096, False), (4, 264, 3, 200, False), (8, 128, 16, 64, False),
+                           (8, 7168, 8, 128, True), (2, 640, 6, 96, True)):
+        buf = jax_ep.Buffer(ep_mesh(R), num_experts=8 * R, hidden=H, max_tokens_per_rank=T, num_topk=K,
+                            low_latency=ll)
         assert buf.size_hint == runtime.bytes_per_rank(buf)

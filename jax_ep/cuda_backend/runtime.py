@@ -27,7 +27,8 @@ _KV_TIMEOUT_MS = int(float(os.environ.get("JAX_EP_EXCHANGE_TIMEOUT_S", "300")) *
 def layout_args(buffer) -> dict:
     H, K = buffer.hidden, buffer.num_topk
     return dict(num_ranks=buffer.num_ranks, capacity=buffer.recv_capacity, max_tokens=buffer.max_tokens_per_rank,
-                num_topk=K, max_row_bytes=4 * max(H, K), max_scale_bytes=4 * math.ceil(H / 128))
+                num_topk=K, max_row_bytes=4 * max(H, K), max_scale_bytes=4 * math.ceil(H / 128),
+                ll_num_experts=buffer.num_experts if buffer.low_latency else 0, ll_hidden=H if buffer.low_latency else 0)
 
 
 class IntranodeRuntime:
@@ -43,6 +44,7 @@ class IntranodeRuntime:
         ax = mesh.axis_names.index(axis)
         self._me = jax.process_index()
         local = [d for d in devices.flat if d.process_index == self._me]
+        self._devices = [d.local_hardware_id for d in local]
         args = layout_args(buffer)
         # Keys carry the mesh and layout, so processes that disagree on which Buffer a uid names fail the
         # exchange (a timeout that says so) instead of mapping each other's memory with different layouts.
@@ -92,6 +94,13 @@ class IntranodeRuntime:
         self._client.key_value_set(f"{self._prefix}/{name}/{self._me}", "1")
         for p in self._procs:
             self._client.blocking_key_value_get(f"{self._prefix}/{name}/{p}", _KV_TIMEOUT_MS)
+
+    def low_latency_kernel_times(self, reset: bool = False) -> dict:
+        """Kernel-side seconds per launch of each low-latency kernel on this process's first device (measured on
+        the device: first block's start to last block's end), averaged since the last reset."""
+        raw = self._ext.low_latency_kernel_times(self.uid, self._devices[0], reset)
+        names = ("dispatch_send", "dispatch_recv", "combine_send", "combine_recv")
+        return {n: (raw[2 * i] / raw[2 * i + 1] * 1e-9 if raw[2 * i + 1] else None) for i, n in enumerate(names)}
 
     def diagnostics(self) -> str:
         return self._ext.intranode_diagnostics(self.uid)

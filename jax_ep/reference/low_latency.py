@@ -25,6 +25,8 @@ class LowLatencyConfig:
     use_fp8: bool
     round_scale: bool
     use_ue8m0: bool
+    hidden: int = 0
+    runtime_uid: int = 0   # the cuda backend's communication memory (0: reference)
 
     @property
     def num_local_experts(self):

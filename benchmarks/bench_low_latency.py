@@ -1,0 +1,147 @@
+"""Low-latency (decode) dispatch / combine benchmark, one rank per process:
+``python -m jax_ep.launch --nproc 8 -- python benchmarks/bench_low_latency.py --hbm-bytes-per-s B``.
+
+Per rank, worst rank reported (max over ranks):
+- kernel: device-side time of each kernel (first block's start to last block's end, read from the
+  runtime's counters) averaged over a jitted fori_loop of ``--loop`` dispatch + combine rounds. The
+  receive kernels include waiting for the slowest sender: that is the op's latency.
+- jit: median wall time of one jitted call of one op (what a decode step pays, launch included).
+- overlap: send, an independent matmul, recv -- against send, recv, matmul (same work, serial).
+Bytes follow DeepEP's low-latency convention: per valid (token, expert) selection, H + H/128*4 + 16 bytes
+(fp8 dispatch) or 2H (bf16 combine). The HBM floor is what the kernels must read and write, summed over
+ranks (listed in ``floor_bytes``), over the HBM copy bandwidth B measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from tests.gpu.harness import gather, global_array, log, setup, timed  # noqa: E402
+
+p = argparse.ArgumentParser()
+p.add_argument("--tokens", type=int, default=128)
+p.add_argument("--hidden", type=int, default=7168)
+p.add_argument("--topk", type=int, default=8)
+p.add_argument("--experts", type=int, default=256)
+p.add_argument("--loop", type=int, default=20)
+p.add_argument("--repeats", type=int, default=10)
+p.add_argument("--hbm-bytes-per-s", type=float, default=0.0)
+p.add_argument("--out", default="")
+args = p.parse_args()
+
+rank, R, mesh, _ = setup()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import jax_ep  # noqa: E402
+from jax_ep.cuda_backend import runtime  # noqa: E402
+
+DRY = bool(os.environ.get("JAX_EP_DRYRUN"))
+T, H, K, E = args.tokens, args.hidden, args.topk, args.experts
+E_loc, S = E // R, R * T
+rng = np.random.default_rng(0)
+scores = np.abs(rng.standard_normal((R * T, E))) + 1.0
+idx = np.argsort(-scores, axis=1)[:, :K].astype(np.int32)
+idx[rng.random(idx.shape) < 0.02] = -1          # a few masked selections, as DeepEP's test does
+w = rng.random((R * T, K)).astype(np.float32)
+x = rng.standard_normal((R * T, H)).astype(np.float32)
+buf = jax_ep.Buffer(mesh, num_experts=E, hidden=H, max_tokens_per_rank=T, num_topk=K, low_latency=True,
+                    backend="reference" if DRY else "cuda")
+gx, gi, gw = (global_array(mesh, a) for a in (x.astype(jnp.bfloat16), idx, w))
+gy = global_array(mesh, np.zeros((R * E_loc, S, H), jnp.bfloat16))   # expert outputs (values do not matter)
+mm_n = 2048
+gm = global_array(mesh, rng.standard_normal((R * mm_n, mm_n)).astype(np.float32).astype(jnp.bfloat16))
+
+
+def smap(fn, n_in):
+    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P("ep"),) * n_in, out_specs=P("ep")))
+
+
+def rounds(x, i, w, y):
+    def body(_, acc):
+        out = jax_ep.low_latency_dispatch(buf, x, i)
+        z = jax_ep.low_latency_combine(buf, y, i, w, out.handle)
+        return acc + out.count[0] + z[0, 0].astype(jnp.int32)
+    return jax.lax.fori_loop(0, args.loop, body, i[0, 0] * 0)[None]
+
+
+def dispatch_once(x, i):
+    out = jax_ep.low_latency_dispatch(buf, x, i)
+    return out.count
+
+
+def combine_once(x, i, w, y):   # dispatch outside the timed op would need its handle carried: time both, subtract
+    out = jax_ep.low_latency_dispatch(buf, x, i)
+    return jax_ep.low_latency_combine(buf, y, i, w, out.handle)[:1]
+
+
+def overlapped(x, i, m):
+    pend = jax_ep.low_latency_dispatch_send(buf, x, i)
+    mm = jnp.dot(m, m)
+    out = jax_ep.low_latency_dispatch_recv(buf, pend)
+    return out.count + mm[0, 0].astype(jnp.int32)
+
+
+def serial(x, i, m):
+    out = jax_ep.low_latency_dispatch(buf, x, i)
+    mm = jnp.dot(m, out.count[0].astype(m.dtype) * 0 + m)   # data-dependent: runs after the receive
+    return out.count + mm[0, 0].astype(jnp.int32)
+
+
+def matmul_only(m):
+    return jnp.dot(m, m)[:1, :E_loc].astype(jnp.int32)[0]
+
+
+results = {}
+f_rounds = smap(rounds, 4)
+jax.block_until_ready(f_rounds(gx, gi, gw, gy))
+kernel = None
+if not DRY:
+    rt = runtime.ensure(buf)
+    rt.low_latency_kernel_times(reset=True)
+    for _ in range(args.repeats):
+        jax.block_until_ready(f_rounds(gx, gi, gw, gy))
+    kernel = rt.low_latency_kernel_times()
+    for name, sec in kernel.items():
+        kernel[name] = gather(f"k_{name}", sec, rank, R)
+results["kernel_s"] = kernel
+t_dispatch_jit = gather("dispatch_jit", timed(smap(dispatch_once, 2), gx, gi, repeats=args.repeats), rank, R)
+t_both_jit = gather("both_jit", timed(smap(combine_once, 4), gx, gi, gw, gy, repeats=args.repeats), rank, R)
+results["jit_s"] = dict(dispatch=t_dispatch_jit, combine=t_both_jit - t_dispatch_jit)
+results["overlap_s"] = dict(
+    overlapped=gather("ovl", timed(smap(overlapped, 3), gx, gi, gm, repeats=args.repeats), rank, R),
+    serial=gather("ser", timed(smap(serial, 3), gx, gi, gm, repeats=args.repeats), rank, R),
+    dispatch_alone=t_dispatch_jit,
+    matmul_alone=gather("mm", timed(smap(matmul_only, 1), gm, repeats=args.repeats), rank, R))
+
+# Bytes (DeepEP convention) and the HBM floor, per rank then summed.
+sel = int(gather("sel", int(np.sum(idx.reshape(R, T, K)[rank] >= 0)), rank, R, reduce=sum))
+fp8_msg, bf16_msg = H + H // 128 * 4 + 16, 2 * H
+floor_dispatch = R * T * 2 * H + 3 * sel * fp8_msg      # read x; write + read staging; write the valid rows
+floor_combine = 3 * sel * bf16_msg + R * T * 2 * H      # read y rows; write + read staging; write out
+B = args.hbm_bytes_per_s
+summary = dict(config=dict(ranks=R, tokens=T, hidden=H, topk=K, experts=E, loop=args.loop, selections=sel),
+               device=jax.devices()[0].device_kind, hbm_copy_bytes_per_s=B, results=results,
+               floor_bytes=dict(dispatch=floor_dispatch, combine=floor_combine))
+if kernel and all(v for v in kernel.values()):
+    t_d = kernel["dispatch_send"] + kernel["dispatch_recv"]
+    t_c = kernel["combine_send"] + kernel["combine_recv"]
+    summary["latency_us"] = dict(dispatch=t_d * 1e6, combine=t_c * 1e6, dispatch_send=kernel["dispatch_send"] * 1e6,
+                                 combine_send=kernel["combine_send"] * 1e6)
+    summary["GBps_per_rank"] = dict(dispatch=sel / R * fp8_msg / t_d / 1e9, combine=sel / R * bf16_msg / t_c / 1e9)
+    if B:
+        summary["ratio_to_hbm_floor"] = dict(dispatch=t_d / (floor_dispatch / B), combine=t_c / (floor_combine / B))
+if rank == 0:
+    line = json.dumps(summary)
+    print("BENCH", line, flush=True)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(line + "\n")
+log(rank, "done")

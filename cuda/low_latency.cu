@@ -1,0 +1,510 @@
+// Low-latency (decode) dispatch / combine kernels (protocol in low_latency.cuh, memory in
+// low_latency_layout.cuh).
+//
+// Dispatch send: one warp per (token, distinct expert): it reads the bf16 token (L2-resident: the
+// K warps of a token share it), casts it to fp8 if asked (the exact recipe of jax_ep.fp8) and stores the
+// row, with a 16-byte header {token, k}, into the owner's staging slot for (expert, me). The slot is
+// the token's rank among this rank's tokens for that expert, read off a per-block bitmap, so rows land
+// in token order with no atomics. The last block to finish raises one signal per (expert, owner) carrying
+// the row count. Dispatch receive: one block per (local expert, source rank) waits for that expert's
+// signals, and copies its rows to offset sum_{s' < s} count(s') of the expert's output rows.
+// Combine mirrors it: the owner writes each answer into the source's slot [token][k]; the source sums
+// w[t, k] * y in f32 in ascending k (the reference's order).
+
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/common.cuh"
+#include "cuda/low_latency.cuh"
+#include "cuda/sync.cuh"
+
+namespace jax_ep {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kHeaderBytes = 16;
+constexpr float kFp8Max = 448.f;
+constexpr float kAmaxFloor = 1e-4f;     // jax_ep.fp8.AMAX_FLOOR
+constexpr uint32_t kFp8MaxInvBits = 0x3b124925u;  // float32(1 / 448), as jax_ep.fp8._FP8_MAX_INV
+constexpr uint8_t kUe8m0One = 127;      // padding byte of a packed UE8M0 word (jax_ep.fp8)
+
+enum Kernel : int { kDispatchSendKernel = 0, kDispatchRecvKernel = 1, kCombineSendKernel = 2, kCombineRecvKernel = 3 };
+
+__device__ __forceinline__ uint64_t ticket_epoch(const uint32_t* ticket) {
+  return static_cast<uint64_t>(ticket[0]) | (static_cast<uint64_t>(ticket[1]) << 32);
+}
+
+__device__ __forceinline__ int sanitize(int id, int num_experts) { return id >= 0 && id < num_experts ? id : -1; }
+
+// True in every thread of the block that finishes last; its stores (and every other block's, fenced
+// before counting) are then visible to whatever it signals. The counter is left at zero for the next op.
+__device__ bool last_block_to_finish(unsigned* counter) {
+  __shared__ bool s_last;
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    s_last = atomicAdd(counter, 1u) == gridDim.x - 1;
+    if (s_last) {
+      *counter = 0;
+      __threadfence_system();
+    }
+  }
+  __syncthreads();
+  return s_last;
+}
+
+// Kernel-side timing (first block's start to the last block's end), accumulated in device memory and read
+// by benchmarks through the runtime: the only clock that excludes launch and host overhead under MPS.
+__device__ __forceinline__ void stamp_start(const PeerView& v, int kernel) {
+  if (blockIdx.x == 0 && threadIdx.x == 0) field<uint64_t>(v.local, v.ll.timing)[kernel] = global_timer_ns();
+}
+
+__device__ __forceinline__ void stamp_end(const PeerView& v, int kernel) {  // the last block only
+  if (threadIdx.x == 0) {
+    uint64_t* t = field<uint64_t>(v.local, v.ll.timing);
+    const uint64_t now = global_timer_ns(), start = ld_peer_written(t + kernel);
+    t[kLowLatencyKernels + 2 * kernel] += now > start ? now - start : 0;
+    t[kLowLatencyKernels + 2 * kernel + 1] += 1;
+  }
+}
+
+// A sender of epoch n writes parity n & 1: the destination must have received epoch n - 2 from it. If this
+// rank itself has not, the caller holds more than two results: that can never complete, so fail now.
+__device__ void wait_staging_free(const PeerView& v, size_t done_offset, uint64_t epoch, int dest, int phase) {
+  if (epoch < 3) return;
+  const uint64_t* done = field<uint64_t>(v.local, done_offset);
+  if (ld_acquire_sys(done + v.rank) < epoch - 2) {
+    report_failure(v, v.rank, kPhaseLowLatencyTooMany);
+    __trap();
+  }
+  wait_flag_geq(v, done + dest, epoch - 2, dest, phase);
+}
+
+// A warp copies one chunk of a row: up to kChunkBytes (32 lanes x 4 x 16 B, all loads in flight before
+// the stores). Rows are split into chunks so that several warps share a row: the kernels are latency-bound
+// at decode sizes, and short per-warp chains are what keeps them fast.
+constexpr int kChunkVecs = 32 * 4;
+constexpr int kChunkBytes = kChunkVecs * 16;
+
+template <bool kPeerWrittenSource>
+__device__ __forceinline__ void warp_copy_chunk(const uint8_t* src, uint8_t* dst, int bytes, int chunk) {
+  const int lane = threadIdx.x & 31, n = bytes / 16, j0 = chunk * kChunkVecs + lane;
+  const int4* in = reinterpret_cast<const int4*>(src);
+  int4* out = reinterpret_cast<int4*>(dst);
+  int4 v[4];
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    const int j = j0 + 32 * u;
+    if (j < n) v[u] = kPeerWrittenSource ? ld_peer_written(in + j) : ld_nc(in + j);
+  }
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    const int j = j0 + 32 * u;
+    if (j < n) out[j] = v[u];
+  }
+}
+
+__device__ __forceinline__ void warp_copy4_peer_written(const uint8_t* src, uint8_t* dst, int bytes) {
+  const int lane = threadIdx.x & 31;
+  for (int j = lane; j < bytes / 4; j += 32) {
+    reinterpret_cast<int*>(dst)[j] = ld_peer_written(reinterpret_cast<const int*>(src) + j);
+  }
+}
+
+__device__ __forceinline__ float ceil_pow2(float s) {  // jax_ep.fp8._ceil_pow2, on the bits
+  if (!isfinite(s)) return s;
+  const uint32_t bits = __float_as_uint(s);
+  return __uint_as_float((bits & 0x7f800000u) + ((bits & 0x007fffffu) ? (1u << 23) : 0u));
+}
+
+__device__ __forceinline__ void unpack_bf16x8(const int4& raw, float f[8]) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 p = __bfloat1622float2(h[i]);
+    f[2 * i] = p.x;
+    f[2 * i + 1] = p.y;
+  }
+}
+
+// fp8 of 8 channels owned by one lane; a half-warp (16 lanes) owns one 128-channel group. Returns the
+// group's scale_inv (identical in the 16 lanes) and the 8 e4m3 bytes. The exact recipe of jax_ep.fp8.
+__device__ __forceinline__ float cast8_fp8(const int4& raw, bool round_scale, uint2* q8) {
+  float f[8];
+  unpack_bf16x8(raw, f);
+  float amax = 0.f;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(f[i]));
+#pragma unroll
+  for (int off = 8; off >= 1; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(kFullMask, amax, off));
+  float scale_inv = __fmul_rn(fmaxf(amax, kAmaxFloor), __uint_as_float(kFp8MaxInvBits));
+  if (round_scale) scale_inv = ceil_pow2(scale_inv);
+  const float scale = __fdiv_rn(1.f, scale_inv);
+  uint32_t packed[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    uint32_t word = 0;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float q = fminf(fmaxf(__fmul_rn(f[4 * h + i], scale), -kFp8Max), kFp8Max);
+      word |= static_cast<uint32_t>(__nv_cvt_float_to_fp8(q, __NV_SATFINITE, __NV_E4M3)) << (8 * i);
+    }
+    packed[h] = word;
+  }
+  *q8 = make_uint2(packed[0], packed[1]);
+  return scale_inv;
+}
+
+// -- dispatch ---------------------------------------------------------------------------------------------
+
+__global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(PeerView v, LowLatencyDispatchSendArgs a) {
+  extern __shared__ uint32_t token_bits[];  // [E][W]: bit t set when token t names expert e
+  const LowLatencyLayout& l = v.ll;
+  const int R = l.num_ranks, E = l.num_experts, E_loc = E / R, K = l.num_topk, H = l.hidden;
+  const int T = a.num_tokens, T_max = l.max_tokens, W = (T_max + 31) / 32, me = v.rank;
+  trap_if_closed(v);
+  stamp_start(v, kDispatchSendKernel);
+  const uint64_t epoch = ld_peer_written(field<uint64_t>(v.local, l.dispatch_epoch)) + 1;
+  const size_t parity = epoch & 1;
+
+  for (int i = threadIdx.x; i < E * W; i += blockDim.x) token_bits[i] = 0;
+  if (threadIdx.x < R) wait_staging_free(v, l.dispatch_done, epoch, threadIdx.x, kPhaseLowLatencyDispatchSend);
+  __syncthreads();
+  for (int i = threadIdx.x; i < T * K; i += blockDim.x) {
+    const int id = sanitize(a.topk_idx[i], E), t = i / K;
+    if (id >= 0) atomicOr(&token_bits[id * W + (t >> 5)], 1u << (t & 31));
+  }
+  __syncthreads();
+
+  // One block per token: its first K threads find the token's distinct destinations (expert owner, slot),
+  // then every warp casts / copies a share of the row once and stores it to all of them.
+  __shared__ uint8_t* dest_rows[32];
+  __shared__ int num_dests;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int payload_bytes = a.use_fp8 ? H : 2 * H;
+  const bool round_scale = a.round_scale || a.use_ue8m0;
+  for (int t = blockIdx.x; t < T; t += gridDim.x) {
+    if (warp == 0) {
+      uint8_t* row = nullptr;
+      const int k = lane;
+      if (k < K) {
+        const int id = sanitize(a.topk_idx[t * K + k], E);
+        bool first = id >= 0;  // a token naming an expert twice sends one row (from its first k)
+        for (int j = 0; j < k && first; ++j) first = a.topk_idx[t * K + j] != id;
+        if (first) {
+          const uint32_t* bits = token_bits + id * W;
+          int slot = __popc(bits[t >> 5] & ((1u << (t & 31)) - 1u));
+          for (int w = 0; w < (t >> 5); ++w) slot += __popc(bits[w]);
+          const int dest = id / E_loc, e = id % E_loc;
+          row = v.peers[dest] + l.dispatch_stage +
+                (((parity * E_loc + e) * R + me) * T_max + slot) * static_cast<size_t>(l.row_stride);
+          *reinterpret_cast<int4*>(row) = make_int4(t, k, 0, 0);
+        }
+      }
+      const unsigned mask = __ballot_sync(kFullMask, row != nullptr);
+      if (row != nullptr) dest_rows[__popc(mask & ((1u << lane) - 1u))] = row;
+      if (lane == 0) num_dests = __popc(mask);
+    }
+    __syncthreads();
+    const int n = num_dests;
+    const int4* x = reinterpret_cast<const int4*>(static_cast<const uint8_t*>(a.x) + static_cast<size_t>(t) * H * 2);
+    if (n > 0 && a.use_fp8) {
+      // 256 channels per warp step (two groups); each warp takes every kWarps-th step.
+      for (int step = warp; step * 256 < H; step += kWarps) {
+        const int e0 = step * 256 + lane * 8;
+        const bool active = e0 < H;  // H % 128 == 0: a half-warp is wholly active or idle
+        uint2 q;
+        const float scale_inv = cast8_fp8(active ? ld_nc(x + e0 / 8) : make_int4(0, 0, 0, 0), round_scale, &q);
+        if (!active) continue;
+        const int g = e0 / 128;
+        for (int d = 0; d < n; ++d) {
+          uint8_t* row = dest_rows[d] + kHeaderBytes;
+          *reinterpret_cast<uint2*>(row + e0) = q;
+          if ((lane & 15) == 0) {
+            if (a.use_ue8m0) {
+              row[payload_bytes + g] = static_cast<uint8_t>((__float_as_uint(scale_inv) >> 23) & 0xff);
+            } else {
+              reinterpret_cast<float*>(row + payload_bytes)[g] = scale_inv;
+            }
+          }
+        }
+      }
+      if (a.use_ue8m0 && threadIdx.x < n) {  // the packed word's unused bytes (jax_ep.fp8 pads with 2^0)
+        const int groups = H / 128;
+        uint8_t* scales = dest_rows[threadIdx.x] + kHeaderBytes + payload_bytes;
+        for (int g = groups; g < (groups + 3) / 4 * 4; ++g) scales[g] = kUe8m0One;
+      }
+    } else if (n > 0) {
+      for (int j = threadIdx.x; j < H / 8; j += blockDim.x) {
+        const int4 value = ld_nc(x + j);
+        for (int d = 0; d < n; ++d) reinterpret_cast<int4*>(dest_rows[d] + kHeaderBytes)[j] = value;
+      }
+    }
+    __syncthreads();  // dest_rows is rewritten for the next token
+  }
+
+  if (last_block_to_finish(field<unsigned>(v.local, l.counters) + kDispatchSendKernel)) {
+    stamp_end(v, kDispatchSendKernel);
+    for (int id = threadIdx.x; id < E; id += blockDim.x) {
+      int count = 0;
+      for (int w = 0; w < W; ++w) count += __popc(token_bits[id * W + w]);
+      const int dest = id / E_loc, e = id % E_loc;
+      uint64_t* signal = field<uint64_t>(v.peers[dest], l.dispatch_signal) + (parity * E_loc + e) * R + me;
+      st_release_sys(signal, (epoch << kSignalCountBits) | static_cast<uint64_t>(count));
+    }
+    if (threadIdx.x == 0) {
+      *field<uint64_t>(v.local, l.dispatch_epoch) = epoch;
+      a.ticket[0] = static_cast<uint32_t>(epoch);
+      a.ticket[1] = static_cast<uint32_t>(epoch >> 32);
+    }
+  }
+}
+
+// Blocks stride over (local expert e, source rank s) pairs (one pair per block unless the grid budget is
+// smaller than E).
+__global__ void __launch_bounds__(kThreads) ll_dispatch_recv_kernel(PeerView v, LowLatencyDispatchRecvArgs a) {
+  __shared__ int rows_from[kMaxPeers];
+  const LowLatencyLayout& l = v.ll;
+  const int R = l.num_ranks, E_loc = l.num_experts / R, H = l.hidden, T_max = l.max_tokens, S = R * T_max;
+  trap_if_closed(v);
+  stamp_start(v, kDispatchRecvKernel);
+  const uint64_t epoch = ticket_epoch(a.ticket);
+  const size_t parity = epoch & 1;
+  for (int pair = blockIdx.x; pair < E_loc * R; pair += gridDim.x) {
+  const int e = pair / R, s = pair % R;
+  if (threadIdx.x < R) {
+    const uint64_t* signal = field<uint64_t>(v.local, l.dispatch_signal) + (parity * E_loc + e) * R + threadIdx.x;
+    wait_flag_geq(v, signal, epoch << kSignalCountBits, threadIdx.x, kPhaseLowLatencyDispatchRecv);
+    const int rows = static_cast<int>(ld_acquire_sys(signal) & ((1ull << kSignalCountBits) - 1));
+    rows_from[threadIdx.x] = min(rows, T_max);
+  }
+  __syncthreads();
+  int offset = 0, total = 0;
+  for (int r = 0; r < R; ++r) {
+    if (r < s) offset += rows_from[r];
+    total += rows_from[r];
+  }
+  const int rows = rows_from[s];
+  const int payload_bytes = a.use_fp8 ? H : 2 * H;
+  const int scale_bytes = a.use_fp8 ? 4 * low_latency_scale_words(H, a.use_ue8m0) : 0;
+  const uint8_t* stage = v.local + l.dispatch_stage + ((parity * E_loc + e) * R + s) * T_max * static_cast<size_t>(l.row_stride);
+  const int lane = threadIdx.x & 31, chunks = ceil_div(payload_bytes, kChunkBytes);
+  for (int item = threadIdx.x >> 5; item < rows * chunks; item += kWarps) {
+    const int j = item / chunks, chunk = item % chunks;
+    const uint8_t* row = stage + static_cast<size_t>(j) * l.row_stride;
+    const size_t out_row = static_cast<size_t>(e) * S + offset + j;
+    warp_copy_chunk<true>(row + kHeaderBytes, static_cast<uint8_t*>(a.out_x) + out_row * payload_bytes,
+                          payload_bytes, chunk);
+    if (chunk == 0) {
+      if (lane == 0) {
+        const int4 header = ld_peer_written(reinterpret_cast<const int4*>(row));
+        a.out_src_info[out_row] = header.x;
+        a.out_recv_k[out_row] = header.y;
+      }
+      if (scale_bytes) {
+        warp_copy4_peer_written(row + kHeaderBytes + payload_bytes,
+                                static_cast<uint8_t*>(a.out_scales) + out_row * scale_bytes, scale_bytes);
+      }
+    }
+  }
+  if (s == 0) {
+    if (threadIdx.x == 0) a.out_count[e] = total;
+    if (threadIdx.x < R) a.out_layout_range[e * R + threadIdx.x] = rows_from[threadIdx.x];
+    for (int i = total + threadIdx.x; i < S; i += blockDim.x) {
+      a.out_src_info[static_cast<size_t>(e) * S + i] = -1;
+      a.out_recv_k[static_cast<size_t>(e) * S + i] = -1;
+    }
+  }
+  __syncthreads();  // rows_from is rewritten for the next pair
+  }
+  if (last_block_to_finish(field<unsigned>(v.local, l.counters) + kDispatchRecvKernel)) {
+    stamp_end(v, kDispatchRecvKernel);
+    if (threadIdx.x < R) st_release_sys(field<uint64_t>(v.peers[threadIdx.x], l.dispatch_done) + v.rank, epoch);
+  }
+}
+
+// -- combine ----------------------------------------------------------------------------------------------
+
+// Blocks stride over (local expert e, source rank s) pairs: send e's rows from s back to s, slot [token][k].
+__global__ void __launch_bounds__(kThreads) ll_combine_send_kernel(PeerView v, LowLatencyCombineSendArgs a) {
+  const LowLatencyLayout& l = v.ll;
+  const int R = l.num_ranks, H = l.hidden, K = l.num_topk, T_max = l.max_tokens;
+  const int S = R * T_max, E_loc = l.num_experts / R;
+  trap_if_closed(v);
+  stamp_start(v, kCombineSendKernel);
+  const uint64_t epoch = ld_peer_written(field<uint64_t>(v.local, l.combine_epoch)) + 1;
+  const size_t parity = epoch & 1;
+  if (threadIdx.x < R) wait_staging_free(v, l.combine_done, epoch, threadIdx.x, kPhaseLowLatencyCombineSend);
+  __syncthreads();
+  for (int pair = blockIdx.x; pair < E_loc * R; pair += gridDim.x) {
+  const int e = pair / R, s = pair % R;
+  // The handle is user-visible data: clamp everything that becomes an address.
+  int offset = 0;
+  for (int r = 0; r < s; ++r) offset += min(max(a.layout_range[e * R + r], 0), T_max);
+  const int rows = min(min(max(a.layout_range[e * R + s], 0), T_max), max(S - offset, 0));
+  const int row_bytes = 2 * H, chunks = ceil_div(row_bytes, kChunkBytes);
+  for (int item = threadIdx.x >> 5; item < rows * chunks; item += kWarps) {
+    const int j = item / chunks, chunk = item % chunks;
+    const size_t in_row = static_cast<size_t>(e) * S + offset + j;
+    const int t = a.src_info[in_row], k = a.recv_k[in_row];
+    if (t < 0 || t >= T_max || k < 0 || k >= K) continue;
+    uint8_t* dst = v.peers[s] + l.combine_stage + ((parity * T_max + t) * K + k) * static_cast<size_t>(row_bytes);
+    warp_copy_chunk<false>(static_cast<const uint8_t*>(a.y) + in_row * row_bytes, dst, row_bytes, chunk);
+  }
+  }
+  if (last_block_to_finish(field<unsigned>(v.local, l.counters) + kCombineSendKernel)) {
+    stamp_end(v, kCombineSendKernel);
+    if (threadIdx.x < R) {
+      st_release_sys(field<uint64_t>(v.peers[threadIdx.x], l.combine_signal) + parity * R + v.rank, epoch);
+    }
+    if (threadIdx.x == 0) {
+      *field<uint64_t>(v.local, l.combine_epoch) = epoch;
+      a.ticket[0] = static_cast<uint32_t>(epoch);
+      a.ticket[1] = static_cast<uint32_t>(epoch >> 32);
+    }
+  }
+}
+
+// Blocks stride over tokens (at least one block, which also does the handshake when T = 0).
+__global__ void __launch_bounds__(kThreads) ll_combine_recv_kernel(PeerView v, LowLatencyCombineRecvArgs a) {
+  __shared__ int source_k[32];
+  __shared__ float weight[32];
+  const LowLatencyLayout& l = v.ll;
+  const int R = l.num_ranks, E = l.num_experts, H = l.hidden, K = l.num_topk, T_max = l.max_tokens;
+  trap_if_closed(v);
+  stamp_start(v, kCombineRecvKernel);
+  const uint64_t epoch = ticket_epoch(a.ticket);
+  const size_t parity = epoch & 1;
+  if (threadIdx.x < R) {
+    wait_flag_geq(v, field<uint64_t>(v.local, l.combine_signal) + parity * R + threadIdx.x, epoch, threadIdx.x,
+                  kPhaseLowLatencyCombineRecv);
+  }
+  for (int t = blockIdx.x; t < a.num_tokens; t += gridDim.x) {
+  __syncthreads();  // source_k / weight of the previous token are no longer read
+  if (threadIdx.x < K) {
+    const int k = threadIdx.x, id = sanitize(a.topk_idx[t * K + k], E);
+    int first = id < 0 ? -1 : k;
+    for (int j = 0; j < k && id >= 0; ++j) {
+      if (a.topk_idx[t * K + j] == id) {
+        first = j;
+        break;
+      }
+    }
+    source_k[k] = first;
+    weight[k] = a.topk_weights[t * K + k];
+  }
+  __syncthreads();
+  {
+    const uint8_t* rows = v.local + l.combine_stage + (parity * T_max + t) * K * static_cast<size_t>(2 * H);
+    int4* out = reinterpret_cast<int4*>(static_cast<uint8_t*>(a.out) + static_cast<size_t>(t) * 2 * H);
+    for (int c = threadIdx.x; c < H / 8; c += blockDim.x) {
+      float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      for (int k0 = 0; k0 < K; k0 += 4) {  // four answers' loads in flight, summed in ascending k
+        int4 raw[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const int src = k0 + u < K ? source_k[k0 + u] : -1;
+          if (src >= 0) raw[u] = ld_peer_written(reinterpret_cast<const int4*>(rows + static_cast<size_t>(src) * 2 * H) + c);
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const int src = k0 + u < K ? source_k[k0 + u] : -1;
+          if (src < 0) continue;  // the reference adds +0: acc + 0.0f == acc for every acc but -0.0
+          float f[8];
+          unpack_bf16x8(raw[u], f);
+          const float w = weight[k0 + u];
+#pragma unroll
+          for (int i = 0; i < 8; ++i) acc[i] = __fadd_rn(acc[i], __fmul_rn(f[i], w));
+        }
+      }
+      int4 packed;
+      __nv_bfloat162* p = reinterpret_cast<__nv_bfloat162*>(&packed);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) p[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
+      out[c] = packed;
+    }
+  }
+  }
+  if (last_block_to_finish(field<unsigned>(v.local, l.counters) + kCombineRecvKernel)) {
+    stamp_end(v, kCombineRecvKernel);
+    if (threadIdx.x < R) st_release_sys(field<uint64_t>(v.peers[threadIdx.x], l.combine_done) + v.rank, epoch);
+  }
+}
+
+// Grids of the receive-side kernels: one block per work item (pair or token), within the budget. Measured on
+// the H200 (R=2): capping them at one block per SM made dispatch_recv 17 -> 33 us, so they are not capped
+// below the budget.
+int receive_grid(int num_blocks) { return num_blocks; }
+
+int capped_grid(int wanted, int budget) { return wanted < 1 ? 1 : (budget > 0 && wanted > budget ? budget : wanted); }
+
+}  // namespace
+
+LowLatencyLayout make_low_latency_layout(size_t base, int num_ranks, int num_experts, int max_tokens, int num_topk,
+                                         int hidden) {
+  LowLatencyLayout l;
+  l.dispatch_epoch = l.combine_epoch = l.counters = l.timing = l.dispatch_signal = l.dispatch_done = l.combine_signal =
+      l.combine_done = l.dispatch_stage = l.combine_stage = base;
+  l.end = base;
+  if (num_experts <= 0) return l;
+  l.enabled = true;
+  l.num_ranks = num_ranks;
+  l.num_experts = num_experts;
+  l.max_tokens = max_tokens;
+  l.num_topk = num_topk;
+  l.hidden = hidden;
+  l.row_stride = round_up(kHeaderBytes + 2 * hidden, 16);  // bf16 is the widest payload (fp8 + f32 scales < 2H)
+  size_t off = round_up<size_t>(base, 256);
+  auto take = [&off](size_t bytes) {
+    const size_t at = off;
+    off = round_up<size_t>(off + bytes, 256);
+    return at;
+  };
+  const size_t R = num_ranks, E_loc = num_experts / num_ranks, T = max_tokens, K = num_topk, H = hidden;
+  l.dispatch_epoch = take(8);
+  l.combine_epoch = take(8);
+  l.counters = take(16);
+  l.timing = take(8 * 3 * kLowLatencyKernels);
+  l.dispatch_signal = take(8 * 2 * E_loc * R);
+  l.dispatch_done = take(8 * R);
+  l.combine_signal = take(8 * 2 * R);
+  l.combine_done = take(8 * R);
+  l.dispatch_stage = take(2 * E_loc * R * T * static_cast<size_t>(l.row_stride));
+  l.combine_stage = take(2 * T * K * 2 * H);
+  l.end = off;
+  return l;
+}
+
+cudaError_t launch_low_latency_dispatch_send(const PeerView& view, const LowLatencyDispatchSendArgs& args,
+                                             int num_blocks, cudaStream_t stream) {
+  const LowLatencyLayout& l = view.ll;
+  const size_t smem = sizeof(uint32_t) * l.num_experts * ((l.max_tokens + 31) / 32);
+  const int grid = capped_grid(args.num_tokens, num_blocks);
+  ll_dispatch_send_kernel<<<grid, kThreads, smem, stream>>>(view, args);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_low_latency_dispatch_recv(const PeerView& view, const LowLatencyDispatchRecvArgs& args,
+                                             int num_blocks, cudaStream_t stream) {
+  ll_dispatch_recv_kernel<<<capped_grid(view.ll.num_experts, receive_grid(num_blocks)), kThreads, 0, stream>>>(view, args);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_low_latency_combine_send(const PeerView& view, const LowLatencyCombineSendArgs& args,
+                                            int num_blocks, cudaStream_t stream) {
+  ll_combine_send_kernel<<<capped_grid(view.ll.num_experts, receive_grid(num_blocks)), kThreads, 0, stream>>>(view, args);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_low_latency_combine_recv(const PeerView& view, const LowLatencyCombineRecvArgs& args,
+                                            int num_blocks, cudaStream_t stream) {
+  ll_combine_recv_kernel<<<capped_grid(args.num_tokens, receive_grid(num_blocks)), kThreads, 0, stream>>>(view, args);
+  return cudaGetLastError();
+}
+
+}  // namespace jax_ep

@@ -1,0 +1,50 @@
+// Memory layout of the low-latency (decode) area inside a rank's communication block. Kept apart from
+// the kernels so the runtime (ffi/) and the intranode peer view can carry it without pulling in kernels.
+//
+// Every area that peers write is double-buffered by op parity (epoch & 1): two results may be in flight.
+// Receivers publish "done with epoch n" flags; a sender of epoch n waits for its destination's n - 2.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#ifdef __CUDACC__
+#define JAX_EP_HOST_DEVICE __host__ __device__
+#else
+#define JAX_EP_HOST_DEVICE
+#endif
+
+namespace jax_ep {
+
+struct LowLatencyLayout {
+  bool enabled = false;
+  int num_ranks = 0;
+  int num_experts = 0;
+  int max_tokens = 0;       // T_max
+  int num_topk = 0;         // K
+  int hidden = 0;           // H
+  int row_stride = 0;       // bytes of one staged dispatch row: 16-byte header + the widest payload (bf16)
+  // Absolute byte offsets inside the rank's block (the area starts after the intranode one).
+  size_t dispatch_epoch = 0;   // u64: dispatch sends started (local)
+  size_t combine_epoch = 0;    // u64: combine sends started (local)
+  size_t counters = 0;         // u32[4]: last-block detection per kernel (local)
+  size_t timing = 0;           // u64[4] start stamps, then u64[4][2] {sum of ns, launches} per kernel (local)
+  size_t dispatch_signal = 0;  // u64[2][E_loc][R]: (epoch << 24) | rows, from source rank s for local expert e
+  size_t dispatch_done = 0;    // u64[R]: last dispatch epoch rank s finished receiving (s's staging is free)
+  size_t combine_signal = 0;   // u64[2][R]: epoch at which owner r finished writing my combine rows
+  size_t combine_done = 0;     // u64[R]: last combine epoch rank s finished receiving
+  size_t dispatch_stage = 0;   // u8[2][E_loc][R][T_max][row_stride]
+  size_t combine_stage = 0;    // u8[2][T_max][K][H] bf16
+  size_t end = 0;              // one past the area
+
+  int local_experts() const { return num_experts / num_ranks; }
+};
+
+inline constexpr int kLowLatencyKernels = 4;  // dispatch send, dispatch recv, combine send, combine recv
+inline constexpr int kSignalCountBits = 24;  // rows per (expert, source) < 2^24; the epoch takes the rest
+
+// Layout of the area starting at `base` (256-aligned). Disabled (all zero, end = base) when num_experts = 0.
+LowLatencyLayout make_low_latency_layout(size_t base, int num_ranks, int num_experts, int max_tokens, int num_topk,
+                                         int hidden);
+
+}  // namespace jax_ep

@@ -1,0 +1,69 @@
+"""CUDA low-latency (decode) dispatch / combine as FFI calls, one per phase.
+
+Same signatures and semantics as ``jax_ep.reference.low_latency``, except that the cuda backend leaves
+payload rows past ``count[e]`` untouched (writing the R*T_max-row tail would cost more than the transfer;
+``src_info`` marks them -1). A send returns a device-side ticket (the op's epoch) that its receive reads,
+so XLA may place independent work between the two while the transfer proceeds. The handle's private
+arrays are ``recv_k [E_loc, S]`` (the first k of the source token naming the expert: the source's combine
+slot) plus ``src_info`` / ``layout_range`` for the combine send.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import fp8 as fp8_lib
+from .._cuda import _vary_like as vary_like
+
+_SIDE_EFFECT = dict(has_side_effect=True)  # every rank must run every phase: never CSE'd or removed
+_TICKET = jax.ShapeDtypeStruct((2,), jnp.uint32)
+
+
+def _call(name, results, *args, **attrs):
+    fn = jax.ffi.ffi_call(name, results, **_SIDE_EFFECT)
+    return fn(*args, **{k: np.int64(v) for k, v in attrs.items()})
+
+
+def dispatch_send(cfg, x, topk_idx):
+    (ticket,) = _call("jax_ep_ll_dispatch_send", (_TICKET,), x, topk_idx, uid=cfg.runtime_uid,
+                      use_fp8=cfg.use_fp8, round_scale=cfg.round_scale, use_ue8m0=cfg.use_ue8m0)
+    return dict(ticket=vary_like(ticket, topk_idx))
+
+
+def dispatch_recv(cfg, pending):
+    E_loc, S, R = cfg.num_local_experts, cfg.slots, cfg.num_ranks
+    ticket = pending["ticket"]
+    sds = jax.ShapeDtypeStruct
+    H = cfg.hidden
+    if cfg.use_fp8:
+        x_sds = sds((E_loc, S, H), fp8_lib.FP8_DTYPE)
+        groups = fp8_lib.num_scale_groups(H)
+        scale_sds = (sds((E_loc, S, fp8_lib.num_ue8m0_words(groups)), jnp.int32) if cfg.use_ue8m0
+                     else sds((E_loc, S, groups), jnp.float32))
+    else:
+        x_sds = sds((E_loc, S, H), jnp.bfloat16)
+        scale_sds = sds((E_loc, S, 0), jnp.float32)
+    i32 = jnp.int32
+    results = (x_sds, scale_sds, sds((E_loc,), i32), sds((E_loc, S), i32), sds((E_loc, R), i32), sds((E_loc, S), i32))
+    out = _call("jax_ep_ll_dispatch_recv", results, ticket, uid=cfg.runtime_uid, use_fp8=cfg.use_fp8,
+                use_ue8m0=cfg.use_ue8m0)
+    x, scales, count, src_info, layout_range, recv_k = vary_like(out, ticket)
+    return dict(x=x, x_scales=scales if cfg.use_fp8 else None, count=count, src_info=src_info,
+                layout_range=layout_range,
+                arrays=dict(recv_k=recv_k, src_info=src_info, layout_range=layout_range))
+
+
+def combine_send(cfg, y, arrays):
+    (ticket,) = _call("jax_ep_ll_combine_send", (_TICKET,), y, arrays["src_info"], arrays["layout_range"],
+                      arrays["recv_k"], uid=cfg.runtime_uid)
+    return dict(ticket=vary_like(ticket, y))
+
+
+def combine_recv(cfg, pending, topk_idx, topk_weights):
+    T = topk_idx.shape[0]
+    H = cfg.hidden
+    (out,) = _call("jax_ep_ll_combine_recv", (jax.ShapeDtypeStruct((T, H), jnp.bfloat16),), pending["ticket"],
+                   topk_idx, topk_weights.astype(jnp.float32), uid=cfg.runtime_uid)
+    return vary_like(out, topk_idx)
