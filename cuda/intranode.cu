@@ -402,7 +402,8 @@ __global__ void __launch_bounds__(kThreads) combine_recv_kernel(PeerView v, Comb
     const bool hi = lane + 32 < R && a.send_slot[t * R + lane + 32] >= 0;
     const uint64_t mask = static_cast<uint64_t>(__ballot_sync(kFullMask, lo)) |
                           (static_cast<uint64_t>(__ballot_sync(kFullMask, hi)) << 32);
-    float* out = a.out + static_cast<size_t>(t) * a.row_elems;
+    float* out = static_cast<float*>(a.out) + static_cast<size_t>(t) * a.row_elems;
+    __nv_bfloat16* out16 = static_cast<__nv_bfloat16*>(a.out) + static_cast<size_t>(t) * a.row_elems;
     if (vec16) {
       const int per_vec = 16 / elem_bytes;  // 8 bf16 or 4 f32
       for (int j = lane; j < row_bytes / 16; j += 32) {
@@ -431,9 +432,20 @@ __global__ void __launch_bounds__(kThreads) combine_recv_kernel(PeerView v, Comb
             }
           }
         }
-        float4* o = reinterpret_cast<float4*>(out + j * per_vec);
-        o[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
-        if (a.y_is_bf16) o[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+        if (a.out_is_bf16) {
+          __nv_bfloat162 h[4];
+#pragma unroll
+          for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
+          if (a.y_is_bf16) {
+            *reinterpret_cast<int4*>(out16 + j * per_vec) = *reinterpret_cast<const int4*>(h);
+          } else {
+            *reinterpret_cast<uint2*>(out16 + j * per_vec) = *reinterpret_cast<const uint2*>(h);
+          }
+        } else {
+          float4* o = reinterpret_cast<float4*>(out + j * per_vec);
+          o[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+          if (a.y_is_bf16) o[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+        }
       }
     } else {
       for (int i = lane; i < a.row_elems; i += 32) {
@@ -446,7 +458,11 @@ __global__ void __launch_bounds__(kThreads) combine_recv_kernel(PeerView v, Comb
           acc += a.y_is_bf16 ? __bfloat162float(ld_peer_written(reinterpret_cast<const __nv_bfloat16*>(row) + i))
                              : ld_peer_written(reinterpret_cast<const float*>(row) + i);
         }
-        out[i] = acc;
+        if (a.out_is_bf16) {
+          out16[i] = __float2bfloat16_rn(acc);
+        } else {
+          out[i] = acc;
+        }
       }
     }
   }

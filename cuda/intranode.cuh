@@ -118,7 +118,8 @@ cudaError_t launch_cached_dispatch(const PeerView& view, const CachedDispatchArg
                                    cudaStream_t stream);
 
 // Combine: received rows y [C, D] (bf16 or f32) back to their sources, summed in f32 over ranks in
-// ascending order -> out [T, D] f32.
+// ascending order -> out [T, D], f32 or bf16 (rounded once from the f32 sum: what an f32 output then a
+// cast gives, without writing and re-reading the f32 tensor).
 struct CombineArgs {
   const void* y = nullptr;
   bool y_is_bf16 = true;
@@ -127,7 +128,8 @@ struct CombineArgs {
   const int32_t* send_slot = nullptr;     // [T, R]
   const int32_t* recv_src = nullptr;      // [C]
   const int32_t* stats = nullptr;         // [4]
-  float* out = nullptr;                   // [T, D]
+  void* out = nullptr;                    // [T, D]
+  bool out_is_bf16 = false;
 };
 
 cudaError_t launch_combine(const PeerView& view, const CombineArgs& args, int num_blocks, cudaStream_t stream);

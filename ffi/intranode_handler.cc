@@ -143,7 +143,7 @@ ffi::Error CachedDispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffe
 
 ffi::Error CombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y, ffi::Buffer<ffi::S32> send_slot,
                        ffi::Buffer<ffi::S32> recv_src, ffi::Buffer<ffi::S32> stats, int64_t uid,
-                       ffi::ResultBuffer<ffi::F32> out) {
+                       ffi::Result<ffi::AnyBuffer> out) {
   int num_blocks = 0;
   std::string error;
   PeerView view_copy;
@@ -162,8 +162,10 @@ ffi::Error CombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y, ff
     return Fail(kCombine, "handle shapes do not match the buffer");
   }
   const int64_t T = slot_dims[0], D = y.dimensions()[1];
-  if (out->dimensions().size() != 2 || out->dimensions()[0] != T || out->dimensions()[1] != D) {
-    return Fail(kCombine, "result must be [T, D] float32");
+  const bool out_bf16 = out->element_type() == ffi::DataType::BF16;
+  if (out->dimensions().size() != 2 || out->dimensions()[0] != T || out->dimensions()[1] != D ||
+      (!out_bf16 && out->element_type() != ffi::DataType::F32)) {
+    return Fail(kCombine, "result must be [T, D] float32 or bfloat16");
   }
   CombineArgs a;
   a.y = y.untyped_data();
@@ -173,7 +175,8 @@ ffi::Error CombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y, ff
   a.send_slot = send_slot.typed_data();
   a.recv_src = recv_src.typed_data();
   a.stats = stats.typed_data();
-  a.out = out->typed_data();
+  a.out = out->untyped_data();
+  a.out_is_bf16 = out_bf16;
   return Launched(kCombine, launch_combine(*view, a, num_blocks, stream));
 }
 
@@ -223,5 +226,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpCombine, jax_ep::CombineImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()     // recv_src [C]
                                   .Arg<ffi::Buffer<ffi::S32>>()     // stats [4]
                                   .Attr<int64_t>("uid")
-                                  .Ret<ffi::Buffer<ffi::F32>>(),    // out [T, D] f32
+                                  .Ret<ffi::AnyBuffer>(),           // out [T, D] f32 or bf16
                               {ffi::Traits::kCmdBufferCompatible});

@@ -140,14 +140,17 @@ def combine(buffer: Buffer, y, handle: DispatchHandle, *, topk_weights=None, bia
     _validate.check_alignment(fn, buffer.hidden, y.dtype)
     T = _num_tokens(cfg, arrays)
     combined_w = None
+    biases = bias if isinstance(bias, (tuple, list)) else () if bias is None else (bias,)
     if cfg.layout == "rank_major":
-        out = _combine_rm(cfg, handle.backend, y, arrays)
+        # Without a bias the sum is rounded straight to y's dtype by the op (the cuda kernel writes bf16
+        # directly: no f32 [T, H] round trip through memory); a bias is added to the f32 sum first.
+        out = _combine_rm(cfg, handle.backend, jnp.float32 if biases else y.dtype, y, arrays)
         if topk_weights is not None:
             if topk_weights.ndim != 2 or topk_weights.shape[0] != capacity or topk_weights.dtype != jnp.float32:
                 raise ValueError(f"jax_ep.combine: topk_weights must be float32 [{capacity}, K], got "
                                  f"{topk_weights.dtype}{list(topk_weights.shape)}")
             out, topk_weights = jax.lax.optimization_barrier((out, topk_weights))  # same op order on every rank
-            combined_w = _combine_rm(cfg, handle.backend, topk_weights, arrays)
+            combined_w = _combine_rm(cfg, handle.backend, jnp.float32, topk_weights, arrays)
     else:
         if topk_weights is None:
             w = jax.lax.stop_gradient(arrays["row_weights"])
@@ -157,7 +160,7 @@ def combine(buffer: Buffer, y, handle: DispatchHandle, *, topk_weights=None, bia
                                  f"got {topk_weights.dtype}{list(topk_weights.shape)}")
             w = topk_weights
         out = _combine_em(cfg, handle.backend, y, w, arrays)
-    for b in (bias if isinstance(bias, (tuple, list)) else () if bias is None else (bias,)):
+    for b in biases:
         if tuple(b.shape) != (T, buffer.hidden):
             raise ValueError(f"jax_ep.combine: bias must be [{T}, {buffer.hidden}], got {tuple(b.shape)}")
         out = out + b.astype(jnp.float32)
@@ -165,16 +168,16 @@ def combine(buffer: Buffer, y, handle: DispatchHandle, *, topk_weights=None, bia
     return out if combined_w is None else (out, combined_w)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _combine_rm(cfg, backend, y, arrays):
-    return _impl(backend).rm_combine(cfg, arrays, y)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _combine_rm(cfg, backend, out_dtype, y, arrays):
+    return _impl(backend).rm_combine(cfg, arrays, y, out_dtype)
 
 
-def _combine_rm_fwd(cfg, backend, y, arrays):
-    return _combine_rm(cfg, backend, y, arrays), (arrays, jnp.zeros((0,), y.dtype))
+def _combine_rm_fwd(cfg, backend, out_dtype, y, arrays):
+    return _combine_rm(cfg, backend, out_dtype, y, arrays), (arrays, jnp.zeros((0,), y.dtype))
 
 
-def _combine_rm_bwd(cfg, backend, res, ct):
+def _combine_rm_bwd(cfg, backend, out_dtype, res, ct):
     arrays, dtype_marker = res
     dy = _impl(backend).rm_cached_dispatch(cfg, arrays, ct)
     return dy.astype(dtype_marker.dtype), None

@@ -43,10 +43,11 @@ def rm_dispatch(cfg, x, scales, topk_idx, topk_weights):
                 group_sizes=None, handle=handle)
 
 
-def rm_combine(cfg, arrays, y):
+def rm_combine(cfg, arrays, y, out_dtype=jnp.float32):
     T = arrays["send_slot"].shape[0]
     y = y if y.dtype in (jnp.bfloat16, jnp.float32) else y.astype(jnp.float32)
-    (out,) = _call("jax_ep_combine", (jax.ShapeDtypeStruct((T, y.shape[1]), jnp.float32),), y,
+    out_dtype = jnp.bfloat16 if jnp.dtype(out_dtype) == jnp.dtype(jnp.bfloat16) else jnp.float32
+    (out,) = _call("jax_ep_combine", (jax.ShapeDtypeStruct((T, y.shape[1]), out_dtype),), y,
                    arrays["send_slot"], arrays["recv_src"], arrays["stats"], uid=cfg.runtime_uid)
     return vary_like(out, y)
 

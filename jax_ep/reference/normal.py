@@ -123,14 +123,15 @@ def rm_dispatch(cfg: NormalConfig, x, scales, topk_idx, topk_weights):
                 group_sizes=None, handle=arrays)
 
 
-def rm_combine(cfg: NormalConfig, arrays, y):
-    """y [C, D] -> [T, D] f32: each received row goes back to its source; sources sum over ranks."""
+def rm_combine(cfg: NormalConfig, arrays, y, out_dtype=jnp.float32):
+    """y [C, D] -> [T, D]: each received row goes back to its source; sources sum over ranks in f32; the
+    sum is rounded once to ``out_dtype``."""
     R = cfg.num_ranks
     T = arrays["send_pos"].shape[0]
     recv_src = arrays["recv_src"]
     table = jnp.zeros((R * T,) + y.shape[1:], y.dtype).at[
         jnp.where(recv_src >= 0, recv_src, R * T)].set(y, mode="drop")
-    return _return_to_source(cfg, arrays["send_pos"], table)
+    return _return_to_source(cfg, arrays["send_pos"], table).astype(out_dtype)
 
 
 def rm_cached_dispatch(cfg: NormalConfig, arrays, x):
