@@ -224,3 +224,20 @@ def test_launch_harness_dry_run(tmp_path, monkeypatch):
     assert {(p["impl"], p["op"]) for p in ok} == {(i, o) for i in ("jax_ep", "all_to_all_padded")
                                                   for o in ("dispatch", "combine")}
     assert all(p["agrees_with_jax_ep"] for p in ok if p["impl"] != "jax_ep")
+
+
+def test_internode_model_counts():
+    """The internode byte model: a token crosses the network at most once per remote node, and never more
+    often than the group limit allows."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "internode_model.py")
+    spec = importlib.util.spec_from_file_location("internode_model", path)
+    model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(model)
+    one = model.simulate(1, 4, 64, 256, 4, 32, 4, 2)
+    assert one["network_bytes"] == 0 and one["recv_rows"] > 0
+    m = model.simulate(4, 2, 64, 256, 4, 32, 4, 2, fp8=True)
+    assert 0 < m["avg_remote_nodes"] <= 2            # topk_group=2 groups = at most 2 nodes, one may be local
+    assert m["row_bytes"] == 256 + 2 * 4
+    assert m["network_bytes"] == round(m["avg_remote_nodes"] * 64) * m["row_bytes"]
+    assert 1 <= m["avg_dest_gpus"] <= 4
