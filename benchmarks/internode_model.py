@@ -40,7 +40,6 @@ def simulate(nodes, gpus_per_node, tokens, hidden, topk, experts, n_group, topk_
     R = nodes * gpus_per_node
     experts_per_gpu = experts // R
     dest_gpu = idx // experts_per_gpu                                 # [T, K]
-    dest_node = dest_gpu // gpus_per_node
     src_gpu = 0                                                       # by symmetry: the first GPU of node 0
     src_node = src_gpu // gpus_per_node
     gpus = np.zeros((tokens, R), bool)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 import jax_ep
+from tests.gpu.harness import run_multi_rank
 
 pytestmark = pytest.mark.gpu
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,15 +68,7 @@ def test_single_process_matches_reference(layout):
 
 @pytest.mark.parametrize("ranks", [2, 4])
 def test_multi_process_matches_reference(ranks):
-    if not _gpus():
-        pytest.skip("no GPU")
-    if ranks > len(_gpus()) and shutil.which("nvidia-cuda-mps-control") is None:
-        pytest.skip("several ranks per GPU need CUDA MPS")
-    cmd = [sys.executable, "-m", "jax_ep.launch", "--nproc", str(ranks), "--timeout", "280", "--",
-           sys.executable, os.path.join(ROOT, "tests", "gpu", "mp_normal_check.py")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, JAX_EP_TIMEOUT_S="20"))
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    run_multi_rank("mp_normal_check.py", ranks)
 
 
 def test_timeout_names_the_missing_rank():

@@ -129,3 +129,27 @@ def gather(name, value, rank, num_ranks, reduce=max):
     client = global_state.client
     client.key_value_set(f"bench/{name}/{rank}", repr(value))
     return reduce(float(client.blocking_key_value_get(f"bench/{name}/{r}", 600_000)) for r in range(num_ranks))
+
+
+def run_multi_rank(script, ranks, timeout_s=300):
+    """pytest side: run tests/gpu/<script> as ``ranks`` processes through ``jax_ep.launch`` (several per GPU
+    under MPS) and fail with its output unless every rank exits 0. Skips without a GPU, or without MPS
+    when ranks outnumber GPUs."""
+    import shutil
+    import subprocess
+
+    import jax
+    import pytest
+    try:
+        gpus = jax.devices("cuda")
+    except RuntimeError:
+        gpus = []
+    if not gpus:
+        pytest.skip("no GPU")
+    if ranks > len(gpus) and shutil.which("nvidia-cuda-mps-control") is None:
+        pytest.skip("several ranks per GPU need CUDA MPS")
+    cmd = [sys.executable, "-m", "jax_ep.launch", "--nproc", str(ranks), "--timeout", str(timeout_s - 20), "--",
+           sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), script)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
+                          env=dict(os.environ, JAX_EP_TIMEOUT_S="20"))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import sys
 
 import jax
 import jax.numpy as jnp

@@ -10,7 +10,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from tests.gpu.harness import Checks, global_array, local_rows, log, setup  # noqa: E402
+from tests.gpu.harness import Checks, global_array, local_rows, setup  # noqa: E402
 from tests.gpu.harness import routing as shared_routing  # noqa: E402
 
 rank, R, gpu_mesh, cpu_mesh = setup()
@@ -39,7 +39,6 @@ def run(mesh, backend, fn, arrays, n_out):
     if mesh is gpu_mesh:
         return [local_rows(o) for o in f(*[global_array(mesh, a) for a in arrays])], (f, buf)
     outs = f(*arrays)
-    T = arrays[0].shape[0] // R
     return [np.asarray(o).reshape((R, -1) + o.shape[1:])[rank] for o in outs], (f, buf)
 
 
