@@ -12,6 +12,11 @@ and combine sums each token's rows back at its source in f32 (ascending source r
   receive buffer (rows land in (source rank, token) order: jax_ep's rank-major layout), and for combine the
   reverse ``ragged_all_to_all`` followed by the unpermute (a scatter-add into ``[T, H]``).
 
+- ``LowLatencyPaddedAllToAll``: the decode-mode work (jax_ep's ``low_latency_dispatch`` / ``_combine``) with
+  one ``all_to_all``: every rank sends ``[E, T, row]`` (each expert's tokens from this rank in token order,
+  padded to T), which arrives as the expert-major ``[E_loc, R*T, H]`` buffers, padded per source rank
+  instead of compacted; combine sends the answers back the same way and sums ``w * y`` in f32 at the source.
+
 ``ragged_all_to_all_support(mesh)`` says whether the backend runs ``ragged_all_to_all`` (XLA:CPU does not in
 jax 0.10); ``emulated_ragged_all_to_all`` has its semantics on ``all_to_all`` (tests use it to check the
 permutation code on CPU; it is not a performance baseline).
@@ -138,6 +143,70 @@ class PaddedAllToAll:
         return acc.astype(y.dtype)
 
 
+# -- low-latency (decode) work on a padded all_to_all --------------------------------------------------------
+
+class LowLatencyPaddedAllToAll:
+    """Decode-mode dispatch / combine with ``jax.lax.all_to_all`` and per-(expert, source) padding to T."""
+
+    name = "all_to_all_padded"
+
+    def __init__(self, axis: str, num_ranks: int, num_experts: int):
+        self.axis, self.R, self.E = axis, num_ranks, num_experts
+
+    def wire_rows(self, num_tokens: int) -> int:
+        return self.E * num_tokens
+
+    def dispatch(self, x, topk_idx, use_fp8: bool):
+        """x [T, H] bf16 -> dict(x [E_loc, R*T, H] (fp8 or bf16), x_scales, count [E_loc], layout_range
+        [E_loc, R], state). Rows of expert e from source s sit at [s*T, s*T + layout_range[e, s])."""
+        T, _ = topk_idx.shape
+        R, E, axis = self.R, self.E, self.axis
+        E_loc = E // R
+        valid = (topk_idx >= 0) & (topk_idx < E)
+        ids = jnp.where(valid, topk_idx, -1)
+        member = jnp.any(ids[:, :, None] == jnp.arange(E, dtype=ids.dtype), axis=1)     # [T, E]: one row per (t, e)
+        pos = jnp.cumsum(member, axis=0, dtype=jnp.int32) - 1                          # token order per expert
+        slot = jnp.where(member, jnp.arange(E, dtype=jnp.int32)[None, :] * T + pos, E * T)
+        tokens = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[:, None], (T, E))
+        src = jnp.full((E * T,), T, jnp.int32).at[slot.reshape(-1)].set(tokens.reshape(-1), mode="drop")
+        if use_fp8:
+            import jax_ep
+            data, scales = jax_ep.per_token_cast_to_fp8(x)
+        else:
+            data, scales = x.astype(jnp.bfloat16), None
+
+        def exchange(a):   # [T, ...] rows -> [E_loc, R*T, ...]: chunk r of the send buffer = rank r's experts
+            recv = jax.lax.all_to_all(_take(a, src), axis, 0, 0, tiled=True)           # [R_src * E_loc * T, ...]
+            recv = recv.reshape((R, E_loc, T) + a.shape[1:])
+            return jnp.swapaxes(recv, 0, 1).reshape((E_loc, R * T) + a.shape[1:])
+
+        recv_x = _from_wire(exchange(_to_wire(data)), data.dtype)
+        recv_scales = exchange(scales) if scales is not None else None
+        counts = jnp.sum(member, axis=0, dtype=jnp.int32)                              # [E] from this rank
+        layout_range = jax.lax.all_to_all(counts, axis, 0, 0, tiled=True).reshape(R, E_loc).T
+        return dict(x=recv_x, x_scales=recv_scales, count=jnp.sum(layout_range, axis=1), layout_range=layout_range,
+                    state=dict(pos=pos))
+
+    def combine(self, y, state, topk_idx, topk_weights):
+        """y [E_loc, R*T, H] bf16 (the answers, in the dispatch's padded layout) -> [T, H] bf16,
+        sum over valid k in ascending order of w[t, k] * y in f32."""
+        pos = state["pos"]
+        T, K = topk_idx.shape
+        R, E = self.R, self.E
+        E_loc = E // R
+        send = jnp.swapaxes(y.reshape((E_loc, R, T) + y.shape[2:]), 0, 1).reshape((R * E_loc * T,) + y.shape[2:])
+        back = jax.lax.all_to_all(send, self.axis, 0, 0, tiled=True)                  # [E * T, H]: expert-major
+        valid = (topk_idx >= 0) & (topk_idx < E)
+        ids = jnp.where(valid, topk_idx, 0)
+        out = jnp.zeros((T,) + y.shape[2:], jnp.float32)
+        for k in range(K):
+            row = jnp.where(valid[:, k], ids[:, k] * T + jnp.take_along_axis(pos, ids[:, k:k + 1], axis=1)[:, 0],
+                            E * T)
+            wk = jnp.where(valid[:, k], topk_weights[:, k], 0.0)
+            out = out + _take(back, row).astype(jnp.float32) * wk[:, None]
+        return out.astype(jnp.bfloat16)
+
+
 # -- ragged_all_to_all + permutation ------------------------------------------------------------------------
 
 class RaggedAllToAll:
@@ -261,7 +330,11 @@ def ragged_all_to_all_support(mesh) -> tuple[bool, str]:
 
 
 def make_baseline(name: str, axis: str, num_ranks: int, num_experts: int, *, capacity: int | None = None,
-                  ragged_fn=None):
+                  ragged_fn=None, mode: str = "normal"):
+    if mode == "low_latency":
+        if name != "all_to_all_padded":
+            raise ValueError(f"the low-latency baseline is all_to_all_padded, got {name!r}")
+        return LowLatencyPaddedAllToAll(axis, num_ranks, num_experts)
     if name == "all_to_all_padded":
         return PaddedAllToAll(axis, num_ranks, num_experts, capacity)
     if name == "ragged_all_to_all":

@@ -27,7 +27,8 @@ For every point (mode, op, dtype, ranks R, tokens per rank T, hidden H, top-k K,
 
 Implementations: ``jax_ep`` (auto backend: the CUDA kernels where they exist), ``jax_ep_reference`` (the
 pure-JAX reference backend; skipped where ``jax_ep`` already runs it), and the baselines of
-``baselines.py`` (padded ``all_to_all``; ``ragged_all_to_all`` with its permutation), normal mode only.
+``baselines.py``: padded ``all_to_all`` (both modes; in low-latency mode every rank sends ``[E, T, row]``,
+each expert's tokens padded to T) and ``ragged_all_to_all`` with its permutation (normal mode).
 Skipped points are recorded with their reason. Results go to ``benchmarks/results/`` as JSON (``--out``).
 """
 
@@ -423,7 +424,7 @@ class Baseline:
     def __init__(self, work: Work, name: str, capacity: int = 0, ragged_fn=None):
         self.mode, self.name = work.mode, name
         self.impl = baselines.make_baseline(name, AXIS, work.ranks, work.experts, capacity=capacity or None,
-                                            ragged_fn=ragged_fn)
+                                            ragged_fn=ragged_fn, mode=work.mode)
 
     def backend(self, op):
         fn = getattr(self.impl, "ragged_fn", None)
@@ -432,18 +433,22 @@ class Baseline:
         return "xla"
 
     def casts(self, dtype) -> bool:
-        return dtype == "fp8"
+        return self.mode == "normal" and dtype == "fp8"   # the decode work casts inside the op, like jax_ep
 
     def payload(self, x, dtype):
-        return jax_ep.per_token_cast_to_fp8(x) if dtype == "fp8" else x
+        return jax_ep.per_token_cast_to_fp8(x) if self.casts(dtype) else x
 
     def dispatch(self, x, idx, w, dtype):
+        if self.mode == "low_latency":
+            return self.impl.dispatch(x, idx, use_fp8=dtype == "fp8")
         return self.impl.dispatch(x, idx, w)
 
     def combine_input(self, out):
         return out["x"], out["state"]
 
     def combine(self, y, state, idx, w):
+        if self.mode == "low_latency":
+            return self.impl.combine(y, state, idx, w)
         return self.impl.combine(y, state)
 
     def received(self, out):
@@ -472,8 +477,8 @@ def skip_reason(name: str, work: Work, mesh, ranks: Ranks, auto_backends: dict) 
     if name == "jax_ep_reference":
         if all(b == "reference" for b in auto_backends.values()):
             return "jax_ep runs the reference backend here (same numbers as jax_ep)"
-    elif work.mode != "normal":
-        return "baselines implement normal-mode dispatch/combine only"
+    elif work.mode != "normal" and name != "all_to_all_padded":
+        return "the low-latency (decode) baseline is the padded all_to_all"
     if not xla_collectives_usable(mesh, ranks):
         return shared_gpu
     if name == "ragged_all_to_all":
