@@ -5,7 +5,8 @@ Per rank, worst rank reported (max over ranks):
 - kernel: device-side time of each kernel (first block's start to last block's end, read from the
   runtime's counters) averaged over a jitted fori_loop of ``--loop`` dispatch + combine rounds. The
   receive kernels include waiting for the slowest sender: that is the op's latency.
-- jit: median wall time of one jitted call of one op (what a decode step pays, launch included).
+- jit: median wall time of one jitted call of one op, blocking on each (latency, host dispatch included);
+- jit_pipelined: per call, of back-to-back calls dispatched without blocking (host dispatch overlapped).
 - overlap: send, an independent matmul, recv -- against send, recv, matmul (same work, serial).
 Bytes follow DeepEP's low-latency convention: per valid (token, expert) selection, H + H/128*4 + 16 bytes
 (fp8 dispatch) or 2H (bf16 combine). The HBM floor is what the kernels must read and write, summed over
@@ -20,7 +21,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from tests.gpu.harness import gather, global_array, log, setup, timed  # noqa: E402
+from tests.gpu.harness import gather, global_array, log, setup, timed, timed_pipelined  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--tokens", type=int, default=128)
@@ -115,6 +116,9 @@ results["kernel_s"] = kernel
 t_dispatch_jit = gather("dispatch_jit", timed(smap(dispatch_once, 2), gx, gi, repeats=args.repeats), rank, R)
 t_both_jit = gather("both_jit", timed(smap(combine_once, 4), gx, gi, gw, gy, repeats=args.repeats), rank, R)
 results["jit_s"] = dict(dispatch=t_dispatch_jit, combine=t_both_jit - t_dispatch_jit)
+t_dispatch_pipe = gather("dispatch_pipe", timed_pipelined(smap(dispatch_once, 2), gx, gi, calls=args.repeats), rank, R)
+t_both_pipe = gather("both_pipe", timed_pipelined(smap(combine_once, 4), gx, gi, gw, gy, calls=args.repeats), rank, R)
+results["jit_pipelined_s"] = dict(dispatch=t_dispatch_pipe, combine=t_both_pipe - t_dispatch_pipe)
 results["overlap_s"] = dict(
     overlapped=gather("ovl", timed(smap(overlapped, 3), gx, gi, gm, repeats=args.repeats), rank, R),
     serial=gather("ser", timed(smap(serial, 3), gx, gi, gm, repeats=args.repeats), rank, R),

@@ -4,7 +4,8 @@
 Times (per rank, max over ranks reported):
 - op: median wall time of one jitted call that runs the op ``--loop`` times back to back (fori_loop),
   divided by ``--loop`` (launch and host overhead amortised: the kernel-side time of one op);
-- jit: median wall time of one jitted call of a single op (what a user's step pays).
+- jit: median wall time of one jitted call of a single op, blocking on each call (latency);
+- jit_pipelined: per call, of back-to-back jitted calls dispatched without blocking (what a loop pays).
 Bandwidth follows DeepEP: bytes of the received tokens (fp8 counted with its scales) / time, summed over
 ranks; combine counts the same rows in bf16. Rank 0 prints a JSON line and writes it to --out.
 """
@@ -18,7 +19,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from tests.gpu.harness import gather, global_array, log, setup, timed  # noqa: E402
+from tests.gpu.harness import gather, global_array, log, setup, timed, timed_pipelined  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--tokens", type=int, default=4096)
@@ -84,9 +85,11 @@ def bench(num_sms, with_fp8):
         n_recv = np.asarray(smap(one, 3)(pre, gi, gw).addressable_shards[0].data)[0]
         t_op = timed_(smap(loop, 3), pre, gi, gw) / args.loop
         t_jit = timed_(smap(one, 3), pre, gi, gw)
+        t_pipe = timed_pipelined(smap(one, 3), pre, gi, gw, calls=args.repeats)
         row_bytes = H + 4 * (H // 128) if fp8 else 2 * H
         results[name] = dict(recv_tokens_this_rank=int(n_recv), op_s=gather_max(f"{tag}{name}_op", t_op),
-                             jit_s=gather_max(f"{tag}{name}_jit", t_jit), row_bytes=row_bytes)
+                             jit_s=gather_max(f"{tag}{name}_jit", t_jit),
+                             jit_pipelined_s=gather_max(f"{tag}{name}_pipe", t_pipe), row_bytes=row_bytes)
         results[name]["recv_tokens_all_ranks"] = int(gather(f"{tag}{name}/rows", int(n_recv), rank, R, reduce=sum))
 
     # Combine of bf16 rows along the bf16 dispatch's handle (the dispatch's own time is subtracted).
@@ -124,6 +127,8 @@ for name, r in results.items():
     r["bytes"] = nbytes
     r["GBps_op"] = nbytes / r["op_s"] / 1e9
     r["GBps_jit"] = nbytes / r["jit_s"] / 1e9
+    if "jit_pipelined_s" in r:
+        r["GBps_jit_pipelined"] = nbytes / r["jit_pipelined_s"] / 1e9
     if B:
         ceiling = B / 3 if name.startswith("combine") else B / 4
         r["ceiling_GBps"] = ceiling / 1e9
