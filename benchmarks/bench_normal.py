@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from tests.gpu.harness import gather, global_array, log, setup, timed, timed_pipelined  # noqa: E402
