@@ -21,6 +21,22 @@ class DispatchLayout(NamedTuple):
     is_token_in_rank: jax.Array
 
 
+class InternodeDispatchLayout(NamedTuple):
+    """``get_dispatch_layout(..., ranks_per_node=N)``: the same summary plus what crosses between nodes.
+
+    Attributes (as ``DispatchLayout``, and):
+      num_tokens_per_node: ``[R / N] int32`` tokens this rank sends to each node (a token counts once per
+        node, however many of its ranks it goes to): the rows that cross the network in the hierarchical
+        design (docs/internode.md), this rank's own node included.
+      is_token_in_node: ``[T, R / N] bool``.
+    """
+    num_tokens_per_rank: jax.Array
+    num_tokens_per_expert: jax.Array
+    is_token_in_rank: jax.Array
+    num_tokens_per_node: jax.Array
+    is_token_in_node: jax.Array
+
+
 class DispatchOutput(NamedTuple):
     """What one rank receives from ``dispatch`` (C = receive capacity, see ``docs/semantics.md``).
 

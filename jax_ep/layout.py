@@ -6,11 +6,11 @@ import jax
 import jax.numpy as jnp
 
 from . import _backend, _validate
-from ._types import DispatchLayout
+from ._types import DispatchLayout, InternodeDispatchLayout
 
 
 def get_dispatch_layout(topk_idx, num_experts: int, *, num_ranks: int | None = None, axis: str = "ep",
-                        backend: str | None = None) -> DispatchLayout:
+                        backend: str | None = None, ranks_per_node: int | None = None):
     """Routing summary of this rank's tokens.
 
     Args:
@@ -18,10 +18,13 @@ def get_dispatch_layout(topk_idx, num_experts: int, *, num_ranks: int | None = N
       num_experts: E; must be a multiple of the number of ranks.
       num_ranks: R; defaults to the size of mesh axis ``axis`` (then call inside shard_map).
       backend: ``"cuda"`` / ``"reference"`` / None (auto, ``JAX_EP_BACKEND``).
+      ranks_per_node: N, ranks per node (consecutive ranks of the axis; N divides R): also report what
+        crosses between nodes (docs/internode.md).
 
     Returns:
       ``DispatchLayout(num_tokens_per_rank [R] int32, num_tokens_per_expert [E] int32,
-      is_token_in_rank [T, R] bool)``.
+      is_token_in_rank [T, R] bool)``; with ``ranks_per_node``, ``InternodeDispatchLayout`` with
+      ``num_tokens_per_node [R/N] int32`` and ``is_token_in_node [T, R/N] bool`` as well.
     """
     fn = "get_dispatch_layout"
     if num_ranks is None:
@@ -36,8 +39,20 @@ def get_dispatch_layout(topk_idx, num_experts: int, *, num_ranks: int | None = N
     if topk_idx.ndim != 2 or jnp.dtype(topk_idx.dtype) != jnp.dtype(jnp.int32):
         raise ValueError(f"jax_ep.{fn}: topk_idx must be int32 [T, K], got {topk_idx.dtype}{list(topk_idx.shape)}")
     _validate.check_expert_ids(fn, topk_idx, num_experts)
+    if ranks_per_node is not None:
+        _validate.check_int_option(fn, "ranks_per_node", ranks_per_node)
+        if num_ranks % ranks_per_node:
+            raise ValueError(f"jax_ep.{fn}: ranks_per_node={ranks_per_node} does not divide num_ranks={num_ranks}")
     if _backend.resolve("get_dispatch_layout", backend) == "cuda":
         from . import _cuda
-        return DispatchLayout(*_cuda.get_dispatch_layout(topk_idx, num_ranks, num_experts))
-    from .reference.layout import get_dispatch_layout as reference
-    return reference(topk_idx, num_ranks, num_experts)
+        layout = DispatchLayout(*_cuda.get_dispatch_layout(topk_idx, num_ranks, num_experts))
+    else:
+        from .reference.layout import get_dispatch_layout as reference
+        layout = reference(topk_idx, num_ranks, num_experts)
+    if ranks_per_node is None:
+        return layout
+    # A node's ranks are consecutive: a token goes to a node when it goes to any of its ranks.
+    T = layout.is_token_in_rank.shape[0]
+    in_node = jnp.any(layout.is_token_in_rank.reshape(T, num_ranks // ranks_per_node, ranks_per_node), axis=2)
+    return InternodeDispatchLayout(*layout, num_tokens_per_node=jnp.sum(in_node, axis=0, dtype=jnp.int32),
+                                   is_token_in_node=in_node)

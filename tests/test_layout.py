@@ -81,3 +81,30 @@ def test_layout_2d_mesh_groups():
     idx, _ = oracle.make_routing(rng, 2 * R, T, E, K)
     got = run_sharded(_layout, mesh, idx, num_experts=E)
     _check(got, oracle.layout(idx, R, E, num_groups=2))
+
+
+@pytest.mark.parametrize("R,N", [(8, 4), (8, 2), (4, 1), (4, 4), (6, 3)])
+def test_layout_per_node(R, N):
+    """ranks_per_node=N: a token counts once per node of N consecutive ranks (numpy oracle), and the first
+    three fields are the plain layout's."""
+    E, K, T = 4 * R, 4, 11
+    rng = np.random.default_rng(R * 10 + N)
+    idx, _ = oracle.make_routing(rng, 1, T, E, K, duplicates=True, invalid=True, uneven=False)
+    got = jax.jit(functools.partial(jax_ep.get_dispatch_layout, num_experts=E, num_ranks=R,
+                                    ranks_per_node=N))(jnp.asarray(idx))
+    assert isinstance(got, jax_ep.InternodeDispatchLayout)
+    _check(tuple(np.asarray(a) for a in got[:3]), oracle.layout_one(idx, R, E))
+    valid = (idx >= 0) & (idx < E)
+    node_of = np.where(valid, idx // (E // R) // N, -1)
+    in_node = np.stack([(node_of == n).any(axis=1) for n in range(R // N)], axis=1)
+    oracle.assert_bits_equal(np.asarray(got.is_token_in_node), in_node, "is_token_in_node")
+    oracle.assert_bits_equal(np.asarray(got.num_tokens_per_node), in_node.sum(0).astype(np.int32),
+                             "num_tokens_per_node")
+
+
+def test_layout_per_node_rejects_bad_node_size():
+    idx = jnp.zeros((4, 2), jnp.int32)
+    with pytest.raises(ValueError, match="ranks_per_node=3 does not divide num_ranks=8"):
+        jax_ep.get_dispatch_layout(idx, 16, num_ranks=8, ranks_per_node=3)
+    with pytest.raises(ValueError, match="ranks_per_node"):
+        jax_ep.get_dispatch_layout(idx, 16, num_ranks=8, ranks_per_node=0)
