@@ -3,7 +3,8 @@
 # Usage (repo root there): [PARTS="..."] bash benchmarks/device_run.sh [ranks...]   (default ranks: 2 4 8)
 # PARTS (default all): normal (pytest + multi-rank checks + timeout check), flax (MoE layer on the cuda
 # backend, command buffers on), ll (low-latency pytest + checks),
-# bench_normal (R=8, DeepEP's normal config), bench_ll (R=2 and R=8, DeepEP's low-latency config).
+# bench_normal (R=8, DeepEP's normal config), bench_ll (R=2 and R=8, DeepEP's low-latency config),
+# micro (benchmarks/micro/row_scatter.cu, prebuilt by nvcc as .dev/row_scatter: the device may have no nvcc).
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_EP_TIMEOUT_S=${JAX_EP_TIMEOUT_S:-20}
@@ -45,6 +46,10 @@ if has ll; then
   for R in $RANKS; do
     if [ "$R" = 8 ]; then mp_check ll "$R" tests/gpu/mp_low_latency_check.py "$CMDBUF"; else mp_check ll "$R" tests/gpu/mp_low_latency_check.py; fi
   done
+fi
+if has micro; then
+  if [ -x .dev/row_scatter ]; then .dev/row_scatter > "$OUT/row_scatter.log" 2>&1; echo "row_scatter exit $?"; cat "$OUT/row_scatter.log";
+  else echo "micro: no .dev/row_scatter (nvcc -O3 -std=c++17 -arch=sm_90 benchmarks/micro/row_scatter.cu -o .dev/row_scatter)"; fi
 fi
 if has bench_normal; then
   timeout 220 python3 -m jax_ep.launch --nproc 8 --timeout 200 -- python3 benchmarks/bench_normal.py \
