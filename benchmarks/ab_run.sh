@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# A/B pass on the device: for every variant built by benchmarks/ab_build.sh (.dev/variants/NAME/), copy the
+# checkout, apply the variant's patch (its Python changes included), drop in its extension and run
+# benchmarks/device_run.sh there. Results: $OUT/NAME/{summary.txt,all.tgz}.
+# Usage (repo root on the device, .dev carried): PARTS="ll bench_ll" bash benchmarks/ab_run.sh [ranks...]
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+ROOT=$(pwd)
+for dir in "$ROOT"/.dev/variants/*/; do
+  name=$(basename "$dir")
+  work=/tmp/ab_$name
+  rm -rf "$work" && mkdir -p "$work"
+  (cd "$ROOT" && tar cf - --exclude=./.dev/variants --exclude=./.whl .) | (cd "$work" && tar xf -)
+  patch=$(cat "$dir/patch" 2>/dev/null || true)
+  if [ -n "$patch" ]; then
+    (cd "$work" && (git apply "$patch" 2>/dev/null || patch -s -p1 < "$patch")) || { echo "$name: patch failed"; continue; }
+  fi
+  cp "$dir"/_C*.so "$work/jax_ep/"
+  env_lines=$(grep -v '^$' "$dir/env" 2>/dev/null | tr '\n' ' ' || true)
+  echo "=== variant $name (commit $(cat "$dir/commit" 2>/dev/null), patch: ${patch:-none}, env: ${env_lines:-none}) ==="
+  (cd "$work" && { [ -z "$env_lines" ] || export $env_lines; } && OUT="$OUT/$name" bash benchmarks/device_run.sh "$@" 2>&1 \
+     | grep -v -E "GRPC|WatchTasks|UNAVAILABLE" | tail -40)
+done
