@@ -3,6 +3,7 @@
 # checkout, apply the variant's patch (its Python changes included), drop in its extension and run
 # benchmarks/device_run.sh there. Results: $OUT/NAME/{summary.txt,all.tgz}.
 # Usage (repo root on the device, .dev carried): PARTS="ll bench_ll" bash benchmarks/ab_run.sh [ranks...]
+# A variant's env file (one NAME=value per line) may set its own PARTS, overriding the outer one.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 ROOT=$(pwd)
@@ -18,6 +19,6 @@ for dir in "$ROOT"/.dev/variants/*/; do
   cp "$dir"/_C*.so "$work/jax_ep/"
   env_lines=$(grep -v '^$' "$dir/env" 2>/dev/null | tr '\n' ' ' || true)
   echo "=== variant $name (commit $(cat "$dir/commit" 2>/dev/null), patch: ${patch:-none}, env: ${env_lines:-none}) ==="
-  (cd "$work" && { [ -z "$env_lines" ] || export $env_lines; } && OUT="$OUT/$name" bash benchmarks/device_run.sh "$@" 2>&1 \
-     | grep -v -E "GRPC|WatchTasks|UNAVAILABLE" | tail -40)
+  (cd "$work" && while IFS= read -r line; do [ -n "$line" ] && export "$line"; done < <(cat "$dir/env" 2>/dev/null) \
+     && OUT="$OUT/$name" bash benchmarks/device_run.sh "$@" 2>&1 | grep -v -E "GRPC|WatchTasks|UNAVAILABLE" | tail -40)
 done
