@@ -17,6 +17,7 @@ for dir in "$ROOT"/.dev/variants/*/; do
     (cd "$work" && (git apply "$patch" 2>/dev/null || patch -s -p1 < "$patch")) || { echo "$name: patch failed"; continue; }
   fi
   cp "$dir"/_C*.so "$work/jax_ep/"
+  mkdir -p "$work/.dev" && echo "$(cat "$dir/commit" 2>/dev/null) + ${patch:-no patch} (variant $name)" > "$work/.dev/commit"
   env_lines=$(grep -v '^$' "$dir/env" 2>/dev/null | tr '\n' ' ' || true)
   echo "=== variant $name (commit $(cat "$dir/commit" 2>/dev/null), patch: ${patch:-none}, env: ${env_lines:-none}) ==="
   (cd "$work" && while IFS= read -r line; do [ -n "$line" ] && export "$line"; done < <(cat "$dir/env" 2>/dev/null) \
