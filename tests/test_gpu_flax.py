@@ -12,15 +12,9 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jax_ep.flax import MoE
+from tests.gpu.harness import cuda_devices
 
 pytestmark = pytest.mark.gpu
-
-
-def _gpus():
-    try:
-        return jax.devices("cuda")
-    except RuntimeError:
-        return []
 
 
 def _layer(mesh, backend):
@@ -36,7 +30,7 @@ def _loss(model, x):
 
 @pytest.fixture(scope="module")
 def mesh():
-    gpus = _gpus()
+    gpus = cuda_devices()
     if not gpus:
         pytest.skip("no GPU")
     return Mesh(np.array(gpus).reshape(1, len(gpus)), ("dp", "ep"))

@@ -18,17 +18,10 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 import jax_ep
-from tests.gpu.harness import run_multi_rank
+from tests.gpu.harness import cuda_devices, run_multi_rank
 
 pytestmark = pytest.mark.gpu
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _gpus():
-    try:
-        return jax.devices("cuda")
-    except RuntimeError:
-        return []
 
 
 def _run(mesh, backend, x, idx, w, T, H, K, E, use_fp8):
@@ -49,7 +42,7 @@ def _run(mesh, backend, x, idx, w, T, H, K, E, use_fp8):
 
 @pytest.mark.parametrize("use_fp8", [True, False])
 def test_single_process_matches_reference(use_fp8):
-    gpus = _gpus()
+    gpus = cuda_devices()
     if not gpus:
         pytest.skip("no GPU")
     R, T, H, K, E = len(gpus), 48, 1024, 6, 12 * len(gpus)
@@ -73,7 +66,7 @@ def test_multi_process_matches_reference(ranks):
 
 
 def test_third_send_in_flight_fails_with_message():
-    if not _gpus():
+    if not cuda_devices():
         pytest.skip("no GPU")
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "gpu", "ll_too_many_check.py")],
                           capture_output=True, text=True, timeout=120)

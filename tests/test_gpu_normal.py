@@ -18,17 +18,10 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 import jax_ep
-from tests.gpu.harness import run_multi_rank
+from tests.gpu.harness import cuda_devices, run_multi_rank
 
 pytestmark = pytest.mark.gpu
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _gpus():
-    try:
-        return jax.devices("cuda")
-    except RuntimeError:
-        return []
 
 
 def _run(mesh, backend, x, idx, w, T, H, K, E, layout):
@@ -48,7 +41,7 @@ def _run(mesh, backend, x, idx, w, T, H, K, E, layout):
 
 @pytest.mark.parametrize("layout", ["rank_major", "expert_major"])
 def test_single_process_matches_reference(layout):
-    gpus = _gpus()
+    gpus = cuda_devices()
     if not gpus:
         pytest.skip("no GPU")
     R, T, H, K, E = len(gpus), 300, 512, 6, 8 * len(gpus)
@@ -73,9 +66,9 @@ def test_multi_process_matches_reference(ranks):
 
 def test_timeout_names_the_missing_rank():
     """A peer that never joins: the waiting rank fails within the timeout and says which rank it waited for."""
-    if not _gpus():
+    if not cuda_devices():
         pytest.skip("no GPU")
-    if len(_gpus()) < 2 and shutil.which("nvidia-cuda-mps-control") is None:
+    if len(cuda_devices()) < 2 and shutil.which("nvidia-cuda-mps-control") is None:
         pytest.skip("two ranks on one GPU need CUDA MPS")
     cmd = [sys.executable, "-m", "jax_ep.launch", "--nproc", "2", "--timeout", "120", "--",
            sys.executable, os.path.join(ROOT, "tests", "gpu", "mp_timeout_check.py")]

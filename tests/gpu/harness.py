@@ -144,6 +144,15 @@ def gather(name, value, rank, num_ranks, reduce=max):
     return reduce(float(client.blocking_key_value_get(f"bench/{name}/{r}", 600_000)) for r in range(num_ranks))
 
 
+def cuda_devices():
+    """This process's CUDA devices ([] without a GPU backend)."""
+    import jax
+    try:
+        return jax.devices("cuda")
+    except RuntimeError:
+        return []
+
+
 def run_multi_rank(script, ranks, timeout_s=300):
     """pytest side: run tests/gpu/<script> as ``ranks`` processes through ``jax_ep.launch`` (several per GPU
     under MPS) and fail with its output unless every rank exits 0. Skips without a GPU, or without MPS
@@ -151,12 +160,8 @@ def run_multi_rank(script, ranks, timeout_s=300):
     import shutil
     import subprocess
 
-    import jax
     import pytest
-    try:
-        gpus = jax.devices("cuda")
-    except RuntimeError:
-        gpus = []
+    gpus = cuda_devices()
     if not gpus:
         pytest.skip("no GPU")
     if ranks > len(gpus) and shutil.which("nvidia-cuda-mps-control") is None:
