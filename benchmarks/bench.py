@@ -60,6 +60,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 import baselines  # noqa: E402
 import jax_ep  # noqa: E402
+from tests.gpu.harness import timed as time_call  # noqa: E402  (median of blocking calls, after a warm-up)
 
 SCHEMA = "jax_ep.bench/1"
 MODES = ("normal", "low_latency")
@@ -308,16 +309,6 @@ def looped(fn, n: int):
 def stacked(mesh, data: np.ndarray):
     """A global [R, ...] array sharded over "ep" from the same numpy data on every process."""
     return jax.make_array_from_callback(data.shape, NamedSharding(mesh, P(AXIS)), lambda index: data[index])
-
-
-def time_call(f, *args, repeats: int) -> float:
-    jax.block_until_ready(f(*args))          # compile + warm up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 def make_mesh(num_ranks: int | None = None):
