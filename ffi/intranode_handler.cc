@@ -8,7 +8,6 @@
 #include <string>
 
 #include "cuda/intranode.cuh"
-#include "ffi/handler_errors.h"
 #include "ffi/handlers.h"
 #include "ffi/runtime.h"
 #include "xla/ffi/api/ffi.h"
@@ -17,6 +16,16 @@ namespace ffi = xla::ffi;
 
 namespace jax_ep {
 namespace {
+
+ffi::Error Fail(const char* target, const std::string& what) {
+  return ffi::Error::InvalidArgument(std::string(target) + ": " + what);
+}
+
+ffi::Error Launched(const char* target, cudaError_t err) {
+  if (err == cudaSuccess) return ffi::Error::Success();
+  return ffi::Error::Internal(std::string(target) + ": kernel launch failed: " + cudaGetErrorName(err) + ": " +
+                              cudaGetErrorString(err));
+}
 
 // Bytes of one row of a [rows, ...] buffer; -1 if not rank 2.
 int64_t RowBytes(const ffi::AnyBuffer& b) {
