@@ -21,7 +21,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from tests.gpu.harness import gather, global_array, log, setup, timed, timed_pipelined  # noqa: E402
+from tests.gpu.harness import gather, global_array, log, physical_gpus, setup, timed, timed_pipelined  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--tokens", type=int, default=128)
@@ -35,6 +35,7 @@ p.add_argument("--out", default="")
 args = p.parse_args()
 
 rank, R, mesh, _ = setup()
+G = physical_gpus(rank, R)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -130,9 +131,9 @@ sel = int(gather("sel", int(np.sum(idx.reshape(R, T, K)[rank] >= 0)), rank, R, r
 fp8_msg, bf16_msg = H + H // 128 * 4 + 16, 2 * H
 floor_dispatch = R * T * 2 * H + 3 * sel * fp8_msg      # read x; write + read staging; write the valid rows
 floor_combine = 3 * sel * bf16_msg + R * T * 2 * H      # read y rows; write + read staging; write out
-B = args.hbm_bytes_per_s
-summary = dict(config=dict(ranks=R, tokens=T, hidden=H, topk=K, experts=E, loop=args.loop, selections=sel),
-               device=jax.devices()[0].device_kind, hbm_copy_bytes_per_s=B, results=results,
+B = args.hbm_bytes_per_s * G   # the floor's bytes spread over every GPU's HBM
+summary = dict(config=dict(ranks=R, physical_gpus=G, tokens=T, hidden=H, topk=K, experts=E, loop=args.loop, selections=sel),
+               device=jax.devices()[0].device_kind, hbm_copy_bytes_per_s=args.hbm_bytes_per_s, results=results,
                floor_bytes=dict(dispatch=floor_dispatch, combine=floor_combine))
 if kernel and all(v for v in kernel.values()):
     t_d = kernel["dispatch_send"] + kernel["dispatch_recv"]

@@ -18,7 +18,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from tests.gpu.harness import gather, global_array, log, setup, timed, timed_pipelined  # noqa: E402
+from tests.gpu.harness import gather, global_array, log, physical_gpus, setup, timed, timed_pipelined  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--tokens", type=int, default=4096)
@@ -28,11 +28,14 @@ p.add_argument("--experts", type=int, default=256)
 p.add_argument("--loop", type=int, default=10)
 p.add_argument("--repeats", type=int, default=10)
 p.add_argument("--hbm-bytes-per-s", type=float, default=0.0)
+p.add_argument("--peer-bytes-per-s", type=float, default=0.0,
+               help="per-GPU NVLink rate (benchmarks/peer_copy.py's sm_push_all_to_all) for runs over several GPUs")
 p.add_argument("--out", default="")
 p.add_argument("--num-sms", default="0", help="comma-separated SM budgets to sweep (0 = one block per SM)")
 args = p.parse_args()
 
 rank, R, mesh, _ = setup()
+G = physical_gpus(rank, R)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -120,7 +123,7 @@ for i, n in enumerate(int(v) for v in args.num_sms.split(",")):
     sweep[n] = bench(n, with_fp8=(i == 0))
 results = sweep[int(args.num_sms.split(",")[0])]
 
-B = args.hbm_bytes_per_s
+B, PEER = args.hbm_bytes_per_s, args.peer_bytes_per_s
 for name, r in results.items():
     nbytes = r["recv_tokens_all_ranks"] * r["row_bytes"]
     r["bytes"] = nbytes
@@ -128,16 +131,21 @@ for name, r in results.items():
     r["GBps_jit"] = nbytes / r["jit_s"] / 1e9
     if "jit_pipelined_s" in r:
         r["GBps_jit_pipelined"] = nbytes / r["jit_pipelined_s"] / 1e9
-    if B:
-        ceiling = B / 3 if name.startswith("combine") else B / 4
+    if B:  # every GPU's HBM is a ceiling of its own
+        ceiling = G * (B / 3 if name.startswith("combine") else B / 4)
         r["ceiling_GBps"] = ceiling / 1e9
         r["ratio_to_ceiling_op"] = r["GBps_op"] * 1e9 / ceiling
+    if G > 1:  # DeepEP's NVL convention: received bytes per GPU per second (its own rows included)
+        r["GBps_op_per_gpu"] = r["GBps_op"] / G
+        if PEER:
+            r["ratio_to_peer_op"] = r["GBps_op_per_gpu"] * 1e9 / PEER
 if rank == 0:
     for n, res in sweep.items():
         for name, r in res.items():
             if "GBps_op" not in r:
                 r["GBps_op"] = r["recv_tokens_all_ranks"] * r["row_bytes"] / r["op_s"] / 1e9
-    summary = dict(config=dict(ranks=R, tokens=T, hidden=H, topk=K, experts=E, loop=args.loop),
+    summary = dict(config=dict(ranks=R, physical_gpus=G, tokens=T, hidden=H, topk=K, experts=E, loop=args.loop),
+                   peer_bytes_per_s=PEER or None,
                    sms_sweep={str(n): {k: round(v["GBps_op"], 1) for k, v in res.items()} for n, res in sweep.items()},
                    hbm_copy_bytes_per_s=B, device=jax.devices()[0].device_kind, results=results)
     line = json.dumps(summary)

@@ -4,7 +4,11 @@
 # PARTS (default all): normal (pytest + multi-rank checks + timeout check), flax (MoE layer on the cuda
 # backend, command buffers on), ll (low-latency pytest + checks),
 # bench_normal (R=8, DeepEP's normal config), bench_ll (R=2 and R=8, DeepEP's low-latency config),
-# micro (benchmarks/micro/row_scatter.cu, prebuilt by nvcc as .dev/row_scatter: the device may have no nvcc).
+# micro (benchmarks/micro/row_scatter.cu, prebuilt by nvcc as .dev/row_scatter: the device may have no nvcc),
+# limits (peer/NVLink copy bandwidth between the GPUs, benchmarks/peer_copy.py), pytest (the whole
+# `pytest -m gpu`: single-process tests use every visible GPU), sweep (benchmarks/bench.py in one process over
+# every GPU, with the XLA baselines).
+# BENCH_NORMAL_RANKS (default 8) and BENCH_LL (default "2:256 8:256 8:288", ranks:experts) pick the benchmarks.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_EP_TIMEOUT_S=${JAX_EP_TIMEOUT_S:-20}
@@ -25,6 +29,12 @@ RANKS=${*:-2 4 8}
 } > "$OUT/summary.txt"
 python3 benchmarks/hbm_copy.py > "$OUT/hbm.json"; cat "$OUT/hbm.json" >> "$OUT/summary.txt"
 B=$(python3 -c "import json;print(json.load(open('$OUT/hbm.json'))['hbm_copy_bytes_per_s'])")
+PEER=0
+if has limits; then
+  timeout 300 python3 benchmarks/peer_copy.py > "$OUT/peer.json" 2> "$OUT/peer.log"; echo "peer_copy exit $?" >> "$OUT/summary.txt"
+  cat "$OUT/peer.json" >> "$OUT/summary.txt"
+  PEER=$(python3 -c "import json;print(json.load(open('$OUT/peer.json')).get('sm_push_all_to_all',{}).get('bytes_per_s',0))" 2>/dev/null || echo 0)
+fi
 mp_check() {  # mp_check NAME R SCRIPT [XLA_FLAGS]
   XLA_FLAGS="${4:-}" JAX_EP_RESULT=$OUT/$1_R$2.json timeout 200 python3 -m jax_ep.launch --nproc "$2" --timeout 180 -- \
     python3 "$3" > "$OUT/$1_R$2.log" 2>&1
@@ -37,6 +47,9 @@ if has normal; then
   JAX_EP_TIMEOUT_S=3 timeout 150 python3 -m jax_ep.launch --nproc 2 --timeout 120 -- python3 tests/gpu/mp_timeout_check.py \
     > "$OUT/timeout_check.log" 2>&1
   echo "timeout check exit $? (0 = the waiting rank failed naming rank 1)"; grep -E "failed after|ERROR" "$OUT/timeout_check.log" | head -3
+fi
+if has pytest; then
+  XLA_FLAGS="$CMDBUF" timeout 540 python3 -m pytest -m gpu -q tests -p no:cacheprovider -rs 2>&1 | tail -25
 fi
 if has flax; then
   XLA_FLAGS="$CMDBUF" timeout 240 python3 -m pytest -q tests/test_gpu_flax.py -p no:cacheprovider 2>&1 | tail -3
@@ -52,19 +65,27 @@ if has micro; then
   else echo "micro: no .dev/row_scatter (nvcc -O3 -std=c++17 -arch=sm_90 benchmarks/micro/row_scatter.cu -o .dev/row_scatter)"; fi
 fi
 if has bench_normal; then
-  timeout 220 python3 -m jax_ep.launch --nproc 8 --timeout 200 -- python3 benchmarks/bench_normal.py \
-    --hbm-bytes-per-s "$B" --out "$OUT/bench_normal_R8.json" --num-sms "${NUM_SMS:-0}" > "$OUT/bench_normal_R8.log" 2>&1
-  echo "bench_normal exit $?"; grep -E "BENCH|Error|timed out" "$OUT/bench_normal_R8.log" | head -5
+  for R in ${BENCH_NORMAL_RANKS:-8}; do
+    timeout 220 python3 -m jax_ep.launch --nproc "$R" --timeout 200 -- python3 benchmarks/bench_normal.py \
+      --hbm-bytes-per-s "$B" --peer-bytes-per-s "$PEER" --out "$OUT/bench_normal_R$R.json" --num-sms "${NUM_SMS:-0}" \
+      > "$OUT/bench_normal_R$R.log" 2>&1
+    echo "bench_normal R=$R exit $?"; grep -E "BENCH|Error|timed out" "$OUT/bench_normal_R$R.log" | head -5
+  done
 fi
 if has bench_ll; then
-  for cfg in "2 256" "8 256" "8 288"; do
-    set -- $cfg
+  for cfg in ${BENCH_LL:-2:256 8:256 8:288}; do
+    set -- ${cfg/:/ }
     timeout 200 python3 -m jax_ep.launch --nproc "$1" --timeout 180 -- python3 benchmarks/bench_low_latency.py \
       --experts "$2" --hbm-bytes-per-s "$B" --out "$OUT/bench_ll_R$1_E$2.json" > "$OUT/bench_ll_R$1_E$2.log" 2>&1
     echo "bench_ll R=$1 E=$2 exit $?"; grep -E "BENCH|Error|error|timed out" "$OUT/bench_ll_R$1_E$2.log" | head -5
   done
 fi
+if has sweep; then
+  timeout 420 python3 benchmarks/bench.py --tokens "${SWEEP_TOKENS:-128,1024,4096}" --hidden 7168 --topk 8 --experts 256 \
+    --hbm-bytes-per-s "$B" --no-progress --check --out "$OUT/sweep.json" --plot > "$OUT/sweep.log" 2>&1
+  echo "sweep exit $?"; tail -40 "$OUT/sweep.log"
+fi
 } 2>&1 | tee -a "$OUT/summary.txt"
 # At most 8 files come back from the device tool: the summary, and everything else in one archive.
-(cd "$OUT" && tar czf all.tgz $(ls *.json *.log 2>/dev/null) && rm -f *.json *.log)
+(cd "$OUT" && tar czf all.tgz $(ls *.json *.log *.png 2>/dev/null) && rm -f *.json *.log *.png)
 ls "$OUT"

@@ -144,6 +144,13 @@ def gather(name, value, rank, num_ranks, reduce=max):
     return reduce(float(client.blocking_key_value_get(f"bench/{name}/{r}", 600_000)) for r in range(num_ranks))
 
 
+def physical_gpus(rank, num_ranks):
+    """How many distinct GPUs the launched ranks run on (the launcher pins each to CUDA_VISIBLE_DEVICES)."""
+    gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+    gpu_id = float(gpu) if gpu.strip().isdigit() else float(abs(hash(gpu)) % 10**6)
+    return int(gather("physical_gpus", gpu_id, rank, num_ranks, reduce=lambda ids: len(set(ids))))
+
+
 def cuda_devices():
     """This process's CUDA devices ([] without a GPU backend)."""
     import jax
