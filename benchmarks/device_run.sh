@@ -49,7 +49,10 @@ if has normal; then
   echo "timeout check exit $? (0 = the waiting rank failed naming rank 1)"; grep -E "failed after|ERROR" "$OUT/timeout_check.log" | head -3
 fi
 if has pytest; then
-  XLA_FLAGS="$CMDBUF" timeout 540 python3 -m pytest -m gpu -q tests -p no:cacheprovider -rs 2>&1 | tail -25
+  XLA_FLAGS="$CMDBUF" timeout "${PYTEST_TIMEOUT:-420}" python3 -m pytest -m gpu -v tests -p no:cacheprovider -rs \
+    > "$OUT/pytest.log" 2>&1
+  echo "pytest -m gpu exit $?"; grep -E "PASSED|FAILED|ERROR|SKIPPED" "$OUT/pytest.log" | grep -v "^tests.*PASSED" | tail -20
+  tail -3 "$OUT/pytest.log"
 fi
 if has flax; then
   XLA_FLAGS="$CMDBUF" timeout 240 python3 -m pytest -q tests/test_gpu_flax.py -p no:cacheprovider 2>&1 | tail -3
