@@ -2,7 +2,8 @@
 
 Process i gets GPU i % G (G = visible GPUs). When R > G, several processes share a GPU: the launcher
 starts the CUDA MPS daemon (and stops it afterwards), and gives each process an equal share of the SMs
-(CUDA_MPS_ACTIVE_THREAD_PERCENTAGE) so that ranks spinning on a GPU never starve their peers. Each child
+(CUDA_MPS_ACTIVE_THREAD_PERCENTAGE; JAX_EP_MPS_SM_PERCENT overrides it) so that ranks spinning on a GPU
+never starve their peers. Each child
 calls ``jax_ep.launch.initialize()`` (or ``jax.distributed.initialize`` itself) with the environment set
 here: JAX_EP_COORDINATOR, JAX_EP_NUM_PROCESSES, JAX_EP_PROCESS_ID.
 """
@@ -43,6 +44,16 @@ def _visible_gpus() -> list[str]:
         return []
 
 
+def _sm_percent(ranks_per_gpu: int) -> int:
+    """Each rank's SM share under MPS: an equal split unless JAX_EP_MPS_SM_PERCENT (1..100) says otherwise."""
+    given = os.environ.get("JAX_EP_MPS_SM_PERCENT", "").strip()
+    if not given:
+        return max(1, 100 // ranks_per_gpu)
+    if not given.isdigit() or not 1 <= int(given) <= 100:
+        raise ValueError(f"JAX_EP_MPS_SM_PERCENT={given!r}: want an integer percentage in 1..100")
+    return int(given)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -78,7 +89,7 @@ def launch(nproc: int, command: list[str], timeout: float | None = None, gpus: l
     base = dict(mps.env if mps else os.environ, **SAFE_ENV)
     base.update(JAX_EP_COORDINATOR=f"127.0.0.1:{_free_port()}", JAX_EP_NUM_PROCESSES=str(nproc))
     if per_gpu > 1:
-        base["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(max(1, 100 // per_gpu))
+        base["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(_sm_percent(per_gpu))
     procs = []
     try:
         for i in range(nproc):
