@@ -49,8 +49,9 @@ if has normal; then
   echo "timeout check exit $? (0 = the waiting rank failed naming rank 1)"; grep -E "failed after|ERROR" "$OUT/timeout_check.log" | head -3
 fi
 if has pytest; then
-  XLA_FLAGS="$CMDBUF" timeout "${PYTEST_TIMEOUT:-420}" python3 -m pytest -m gpu -v tests -p no:cacheprovider -rs \
-    > "$OUT/pytest.log" 2>&1
+  # PYTEST_CMDBUF=0: without XLA command buffers; PYTEST_FILES: a subset of tests/
+  XLA_FLAGS="$([ "${PYTEST_CMDBUF:-1}" = 1 ] && echo "$CMDBUF")" timeout "${PYTEST_TIMEOUT:-420}" \
+    python3 -m pytest -m gpu -v ${PYTEST_FILES:-tests} -p no:cacheprovider -rs > "$OUT/pytest.log" 2>&1
   echo "pytest -m gpu exit $?"; grep -E "PASSED|FAILED|ERROR|SKIPPED" "$OUT/pytest.log" | grep -v "^tests.*PASSED" | tail -20
   tail -3 "$OUT/pytest.log"
 fi
