@@ -8,6 +8,7 @@
 #include <string>
 
 #include "cuda/intranode.cuh"
+#include "ffi/handler_errors.h"
 #include "ffi/handlers.h"
 #include "ffi/runtime.h"
 #include "xla/ffi/api/ffi.h"
@@ -16,16 +17,6 @@ namespace ffi = xla::ffi;
 
 namespace jax_ep {
 namespace {
-
-ffi::Error Fail(const char* target, const std::string& what) {
-  return ffi::Error::InvalidArgument(std::string(target) + ": " + what);
-}
-
-ffi::Error Launched(const char* target, cudaError_t err) {
-  if (err == cudaSuccess) return ffi::Error::Success();
-  return ffi::Error::Internal(std::string(target) + ": kernel launch failed: " + cudaGetErrorName(err) + ": " +
-                              cudaGetErrorString(err));
-}
 
 // Bytes of one row of a [rows, ...] buffer; -1 if not rank 2.
 int64_t RowBytes(const ffi::AnyBuffer& b) {
@@ -53,15 +44,19 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, f
   if (!runtime_view(uid, device, &view_copy, &num_blocks, &error)) return Fail(kDispatch, error);
   const PeerView* view = &view_copy;
   const IntranodeLayout& l = view->layout;
-  const int64_t T = Rows(x), row_bytes = RowBytes(x), scale_bytes = RowBytes(scales);
+  // Scales travel with fp8 rows only. Other payloads get a [T, 1] placeholder operand and a [capacity, 1]
+  // result that stay untouched: a zero-sized buffer would be simpler, but XLA's GPU compiler crashes on one in
+  // an eager (un-jitted) shard_map program over several devices (measured: jax 0.11.2, 2 x H200).
+  const bool has_scales = x.element_type() == ffi::DataType::F8E4M3FN;
+  const int64_t T = Rows(x), row_bytes = RowBytes(x), scale_bytes = has_scales ? RowBytes(scales) : 0;
   const auto idx_dims = topk_idx.dimensions();
   if (row_bytes <= 0 || row_bytes % 4 || row_bytes > l.max_row_bytes) {
     return Fail(kDispatch, "x rows must be 2-D, a multiple of 4 bytes and at most " + std::to_string(l.max_row_bytes) +
                                " bytes, got " + std::to_string(row_bytes));
   }
   if (T > l.max_tokens) return Fail(kDispatch, std::to_string(T) + " tokens exceed max_tokens_per_rank");
-  if (scale_bytes < 0 || scale_bytes % 4 || scale_bytes > l.max_scale_bytes || Rows(scales) != T) {
-    return Fail(kDispatch, "scales must be [T, n] float32 within the buffer's scale row");
+  if (Rows(scales) != T || (has_scales && (scale_bytes <= 0 || scale_bytes % 4 || scale_bytes > l.max_scale_bytes))) {
+    return Fail(kDispatch, "scales must be [T, n] float32 within the buffer's scale row (fp8 x needs them)");
   }
   if (idx_dims.size() != 2 || idx_dims[0] != T || idx_dims[1] != l.num_topk ||
       topk_weights.dimensions().size() != 2 || topk_weights.dimensions()[0] != T ||
@@ -82,8 +77,8 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, f
       ow[1] != l.num_topk || is_token_in_rank->element_count() != static_cast<size_t>(T * l.num_ranks)) {
     return Fail(kDispatch, "topk results must be [capacity, K] and is_token_in_rank [T, R]");
   }
-  if (Rows(*out_x) != l.capacity || RowBytes(*out_x) != row_bytes || Rows(*out_scales) != l.capacity ||
-      RowBytes(*out_scales) != scale_bytes ||
+  if (Rows(*out_x) != l.capacity || RowBytes(*out_x) != row_bytes ||
+      (has_scales && (Rows(*out_scales) != l.capacity || RowBytes(*out_scales) != scale_bytes)) ||
       tokens_per_expert->element_count() != static_cast<size_t>(num_experts / l.num_ranks) ||
       stats->element_count() != 4 || send_slot->element_count() != static_cast<size_t>(T * l.num_ranks) ||
       recv_src->element_count() != static_cast<size_t>(l.capacity)) {

@@ -9,6 +9,7 @@
 #include <string>
 
 #include "cuda/low_latency.cuh"
+#include "ffi/handler_errors.h"
 #include "ffi/handlers.h"
 #include "ffi/runtime.h"
 #include "xla/ffi/api/ffi.h"
@@ -23,28 +24,9 @@ constexpr const char* kDispatchRecv = "jax_ep_ll_dispatch_recv";
 constexpr const char* kCombineSend = "jax_ep_ll_combine_send";
 constexpr const char* kCombineRecv = "jax_ep_ll_combine_recv";
 
-ffi::Error Fail(const char* target, const std::string& what) {
-  return ffi::Error::InvalidArgument(std::string(target) + ": " + what);
-}
-
-ffi::Error Launched(const char* target, cudaError_t err) {
-  if (err == cudaSuccess) return ffi::Error::Success();
-  return ffi::Error::Internal(std::string(target) + ": kernel launch failed: " + cudaGetErrorName(err) + ": " +
-                              cudaGetErrorString(err));
-}
-
-bool Dims(const ffi::AnyBuffer& b, std::initializer_list<int64_t> want) {
-  const auto d = b.dimensions();
-  if (d.size() != want.size()) return false;
-  size_t i = 0;
-  for (int64_t w : want) {
-    if (d[i++] != w) return false;
-  }
-  return true;
-}
-
-template <ffi::DataType T>
-bool Dims(const ffi::Buffer<T>& b, std::initializer_list<int64_t> want) {
+// Whether buffer b (typed or not) has exactly these dimensions.
+template <typename B>
+bool Dims(const B& b, std::initializer_list<int64_t> want) {
   const auto d = b.dimensions();
   if (d.size() != want.size()) return false;
   size_t i = 0;

@@ -22,6 +22,7 @@
 
 #include "cuda/low_latency.cuh"
 #include "ffi/handlers.h"
+#include "ffi/nvshmem_transport.h"
 #include "ffi/runtime.h"
 #include "xla/ffi/api/c_api.h"
 
@@ -132,10 +133,11 @@ Layouts Layout(int num_ranks, int capacity, int max_tokens, int num_topk, int ma
 
 std::tuple<uintptr_t, nb::bytes, size_t> IntranodeAlloc(int64_t uid, int device, int num_ranks, int capacity,
                                                         int max_tokens, int num_topk, int max_row_bytes,
-                                                        int max_scale_bytes, int ll_num_experts, int ll_hidden) {
+                                                        int max_scale_bytes, int ll_num_experts, int ll_hidden,
+                                                        bool symmetric) {
   const Layouts l = Layout(num_ranks, capacity, max_tokens, num_topk, max_row_bytes, max_scale_bytes, ll_num_experts,
                            ll_hidden);
-  auto r = jax_ep::runtime_alloc(uid, device, l.intranode, l.low_latency, l.total());
+  auto r = jax_ep::runtime_alloc(uid, device, l.intranode, l.low_latency, l.total(), symmetric);
   return {r.ptr, nb::bytes(r.ipc_handle.data(), r.ipc_handle.size()), r.bytes};
 }
 
@@ -168,10 +170,25 @@ NB_MODULE(_C, m) {
   m.def("intranode_alloc", &IntranodeAlloc, nb::arg("uid"), nb::arg("device"), nb::arg("num_ranks"),
         nb::arg("capacity"), nb::arg("max_tokens"), nb::arg("num_topk"), nb::arg("max_row_bytes"),
         nb::arg("max_scale_bytes"), nb::arg("ll_num_experts") = 0, nb::arg("ll_hidden") = 0,
+        nb::arg("symmetric") = false,
         "Allocate (cudaMalloc, zeroed) this rank's communication memory: (pointer, CUDA IPC handle, bytes).");
   m.def("intranode_open", &IntranodeOpen, nb::arg("uid"), nb::arg("device"), nb::arg("rank"), nb::arg("ptrs"),
         nb::arg("handles"), nb::arg("peer_devices"), nb::arg("timeout_s"), nb::arg("num_blocks"),
         "Build the peer table (in-process pointers or IPC handles) and make the buffer usable by the kernels.");
+  m.def("intranode_open_symmetric", &jax_ep::runtime_open_symmetric, nb::arg("uid"), nb::arg("device"),
+        nb::arg("rank"), nb::arg("peer_pes"), nb::arg("timeout_s"), nb::arg("num_blocks"),
+        "Peer table of an NVSHMEM-allocated buffer (nvshmem_ptr of every rank's PE).");
+  m.def("nvshmem_unique_id", []() {
+          const std::string id = jax_ep::nvshmem_unique_id();
+          return nb::bytes(id.data(), id.size());
+        },
+        "A fresh NVSHMEM unique id (make it on one process, hand it to all).");
+  m.def("nvshmem_bootstrap", [](int device, int pe, int num_pes, nb::bytes unique_id, size_t heap_bytes) {
+          jax_ep::nvshmem_bootstrap(device, pe, num_pes, std::string(unique_id.c_str(), unique_id.size()), heap_bytes);
+        },
+        nb::arg("device"), nb::arg("pe"), nb::arg("num_pes"), nb::arg("unique_id"), nb::arg("heap_bytes"),
+        "Initialise NVSHMEM for this process (once) with a symmetric heap of at least heap_bytes.");
+  m.def("nvshmem_ready", &jax_ep::nvshmem_ready, "Whether this process has initialised NVSHMEM.");
   m.def("intranode_unmap", &jax_ep::runtime_unmap, nb::arg("uid"),
         "Close phase 1: wait for this process's work, unmap the peers, mark the buffer dead.");
   m.def("intranode_free", &jax_ep::runtime_free, nb::arg("uid"),

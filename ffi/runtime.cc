@@ -1,5 +1,7 @@
 #include "ffi/runtime.h"
 
+#include "ffi/nvshmem_transport.h"
+
 #include <cuda_runtime_api.h>
 
 #include <cstring>
@@ -17,6 +19,7 @@ struct GroupState {
   IntranodeLayout layout;
   LowLatencyLayout ll;
   size_t bytes = 0;
+  bool symmetric = false;  // NVSHMEM symmetric heap (freed collectively) instead of cudaMalloc + IPC
   uint8_t* local = nullptr;
   uint8_t** peers_dev = nullptr;
   std::vector<void*> ipc_opened;
@@ -69,7 +72,11 @@ void unmap(GroupState& g) {
 
 void free_local(GroupState& g) {
   DeviceGuard guard(g.device);
-  if (g.local) cudaFree(g.local);
+  if (g.local && g.symmetric) {
+    nvshmem_symmetric_free(g.local);
+  } else if (g.local) {
+    cudaFree(g.local);
+  }
   if (g.diag_host) cudaFreeHost(g.diag_host);
   g.local = nullptr;
   g.diag_host = nullptr;
@@ -100,13 +107,39 @@ std::string describe_failure(volatile int* d) {
          wait_phase_name(phase);
 }
 
+// The end of both opens: upload the peer table and make the view usable (g_mutex held).
+void finish_open(GroupState& g, const std::vector<uint8_t*>& peers, int rank, double timeout_s, int num_blocks) {
+  const int R = g.layout.num_ranks;
+  const int device = g.device;
+  check(cudaMalloc(reinterpret_cast<void**>(&g.peers_dev), R * sizeof(uint8_t*)), "cudaMalloc (peer table)");
+  check(cudaMemcpy(g.peers_dev, peers.data(), R * sizeof(uint8_t*), cudaMemcpyHostToDevice), "cudaMemcpy");
+  int* diag_dev = nullptr;
+  check(cudaHostGetDevicePointer(reinterpret_cast<void**>(&diag_dev), g.diag_host, 0), "cudaHostGetDevicePointer");
+  g.view.local = g.local;
+  g.view.peers = g.peers_dev;
+  g.view.rank = rank;
+  g.view.layout = g.layout;
+  g.view.ll = g.ll;
+  g.view.timeout_ns = static_cast<unsigned long long>(timeout_s * 1e9);
+  g.view.diag = diag_dev;
+  g.view.alive = g.alive;
+  set_alive(g.alive, 1);
+  if (num_blocks <= 0) {
+    int sms = 0;
+    check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+    num_blocks = 4 * sms;  // measured on H200 (R=8 under MPS): 4 blocks/SM beat 1 by 12-13% (benchmarks/results)
+  }
+  g.num_blocks = num_blocks;
+  g.open = true;
+}
+
 std::mutex g_unmapped_mutex;
 std::map<int64_t, std::vector<std::unique_ptr<GroupState>>> g_unmapped;  // between unmap and free
 
 }  // namespace
 
 AllocResult runtime_alloc(int64_t uid, int device, const IntranodeLayout& layout, const LowLatencyLayout& ll,
-                          size_t total_bytes) {
+                          size_t total_bytes, bool symmetric) {
   std::lock_guard<std::mutex> lock(g_mutex);
   auto key = std::make_pair(uid, device);
   if (g_groups.count(key)) throw std::runtime_error("jax_ep runtime: buffer already allocated on this device");
@@ -115,14 +148,20 @@ AllocResult runtime_alloc(int64_t uid, int device, const IntranodeLayout& layout
   g->layout = layout;
   g->ll = ll;
   g->bytes = total_bytes;
+  g->symmetric = symmetric;
   DeviceGuard guard(device);
   void* mem = nullptr;
-  check(cudaMalloc(&mem, total_bytes), "cudaMalloc of the communication buffer");
+  if (symmetric) {
+    mem = nvshmem_symmetric_alloc(total_bytes);
+  } else {
+    check(cudaMalloc(&mem, total_bytes), "cudaMalloc of the communication buffer");
+  }
   g->local = static_cast<uint8_t*>(mem);
   check(cudaMemset(mem, 0, total_bytes), "cudaMemset");
   check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
   cudaIpcMemHandle_t handle;
-  check(cudaIpcGetMemHandle(&handle, mem), "cudaIpcGetMemHandle");
+  std::memset(&handle, 0, sizeof(handle));
+  if (!symmetric) check(cudaIpcGetMemHandle(&handle, mem), "cudaIpcGetMemHandle");
   check(cudaHostAlloc(reinterpret_cast<void**>(&g->diag_host), 4 * sizeof(int), cudaHostAllocMapped),
         "cudaHostAlloc (diagnostics)");
   std::memset(g->diag_host, 0, 4 * sizeof(int));
@@ -130,7 +169,7 @@ AllocResult runtime_alloc(int64_t uid, int device, const IntranodeLayout& layout
   set_alive(g->alive, 0);
   AllocResult result;
   result.ptr = reinterpret_cast<uintptr_t>(mem);
-  result.ipc_handle.assign(reinterpret_cast<const char*>(&handle), sizeof(handle));
+  if (!symmetric) result.ipc_handle.assign(reinterpret_cast<const char*>(&handle), sizeof(handle));
   result.bytes = total_bytes;
   g_groups[key] = std::move(g);
   return result;
@@ -182,27 +221,32 @@ void runtime_open(int64_t uid, int device, int rank, const std::vector<uintptr_t
       peers[r] = static_cast<uint8_t*>(p);
     }
   }
-  check(cudaMalloc(reinterpret_cast<void**>(&g.peers_dev), R * sizeof(uint8_t*)), "cudaMalloc (peer table)");
-  check(cudaMemcpy(g.peers_dev, peers.data(), R * sizeof(uint8_t*), cudaMemcpyHostToDevice), "cudaMemcpy");
-  int* diag_dev = nullptr;
-  check(cudaHostGetDevicePointer(reinterpret_cast<void**>(&diag_dev), g.diag_host, 0), "cudaHostGetDevicePointer");
-  g.view.local = g.local;
-  g.view.peers = g.peers_dev;
-  g.view.rank = rank;
-  g.view.layout = g.layout;
-  g.view.ll = g.ll;
-  g.view.timeout_ns = static_cast<unsigned long long>(timeout_s * 1e9);
-  g.view.diag = diag_dev;
-  g.view.alive = g.alive;
-  set_alive(g.alive, 1);
-  if (num_blocks <= 0) {
-    int sms = 0;
-    check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
-    num_blocks = 4 * sms;  // measured on H200 (R=8 under MPS): 4 blocks/SM beat 1 by 12-13% (benchmarks/results)
-  }
-  g.num_blocks = num_blocks;
-  g.open = true;
+  finish_open(g, peers, rank, timeout_s, num_blocks);
 }
+
+void runtime_open_symmetric(int64_t uid, int device, int rank, const std::vector<int>& peer_pes, double timeout_s,
+                            int num_blocks) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  auto it = g_groups.find(std::make_pair(uid, device));
+  if (it == g_groups.end()) throw std::runtime_error("jax_ep runtime: open before alloc");
+  GroupState& g = *it->second;
+  const int R = g.layout.num_ranks;
+  if (!g.symmetric || static_cast<int>(peer_pes.size()) != R || rank < 0 || rank >= R) {
+    throw std::runtime_error("jax_ep runtime: symmetric peer table does not match the buffer");
+  }
+  DeviceGuard guard(device);
+  std::vector<uint8_t*> peers(R, nullptr);
+  for (int r = 0; r < R; ++r) {
+    peers[r] = static_cast<uint8_t*>(nvshmem_peer(g.local, peer_pes[r]));
+    if (peers[r] == nullptr) {
+      throw std::runtime_error("jax_ep runtime: rank " + std::to_string(r) + " (PE " + std::to_string(peer_pes[r]) +
+                               ") has no load/store path from this GPU; ranks on other nodes need the internode "
+                               "kernels, which are not built yet");
+    }
+  }
+  finish_open(g, peers, rank, timeout_s, num_blocks);
+}
+
 
 void runtime_unmap(int64_t uid) {
   auto groups = take(uid);

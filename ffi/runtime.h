@@ -19,8 +19,9 @@ struct AllocResult {
 
 // Allocate and zero this rank's communication memory on `device`: the intranode area, then (when
 // enabled) the low-latency area, `total_bytes` in all.
+// symmetric: from NVSHMEM's symmetric heap (collective over every PE; no IPC handle) instead of cudaMalloc.
 AllocResult runtime_alloc(int64_t uid, int device, const IntranodeLayout& layout, const LowLatencyLayout& ll,
-                          size_t total_bytes);
+                          size_t total_bytes, bool symmetric = false);
 
 // Make the peer table. For each rank r: peer_devices[r] >= 0 means an in-process allocation on that
 // device (peer_ptrs[r]); otherwise peer_handles[r] is a CUDA IPC handle from another process.
@@ -31,6 +32,10 @@ void runtime_open(int64_t uid, int device, int rank, const std::vector<uintptr_t
 // Closing is two-phase so that no process frees memory a peer still maps: unmap (wait for this device's
 // work, close the peers' IPC mappings, mark the buffer dead for graph replays), then -- after every
 // process of the group has unmapped -- free.
+// The peer table of a symmetric buffer: rank r's block is nvshmem_ptr(local, peer_pes[r]).
+void runtime_open_symmetric(int64_t uid, int device, int rank, const std::vector<int>& peer_pes, double timeout_s,
+                            int num_blocks);
+
 void runtime_unmap(int64_t uid);
 void runtime_free(int64_t uid);
 

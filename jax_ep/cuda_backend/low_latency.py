@@ -44,7 +44,7 @@ def dispatch_recv(cfg, pending):
                      else sds((E_loc, S, groups), jnp.float32))
     else:
         x_sds = sds((E_loc, S, H), jnp.bfloat16)
-        scale_sds = sds((E_loc, S, 0), jnp.float32)
+        scale_sds = sds((1,), jnp.float32)  # unused by bf16; never zero-sized (see normal.rm_dispatch)
     i32 = jnp.int32
     results = (x_sds, scale_sds, sds((E_loc,), i32), sds((E_loc, S), i32), sds((E_loc, R), i32), sds((E_loc, S), i32))
     out = _call("jax_ep_ll_dispatch_recv", results, ticket, uid=cfg.runtime_uid, use_fp8=cfg.use_fp8,

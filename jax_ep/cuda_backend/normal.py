@@ -25,10 +25,9 @@ def rm_dispatch(cfg, x, scales, topk_idx, topk_weights):
     T, K = topk_idx.shape
     C, R, E_loc = cfg.token_capacity, cfg.num_ranks, cfg.num_experts // cfg.num_ranks
     H = x.shape[1]
-    if scales is None:
-        scales_in = jnp.zeros((T, 0), jnp.float32)
-    else:
-        scales_in = scales
+    # Without scales: a [T, 1] placeholder in and a [C, 1] result the kernel leaves alone (never zero-sized: XLA's
+    # GPU compiler crashes on a zero-sized custom-call buffer in an eager shard_map over several devices).
+    scales_in = jnp.zeros((T, 1), jnp.float32) if scales is None else scales
     S = scales_in.shape[1]
     sds = jax.ShapeDtypeStruct
     results = (sds((C, H), x.dtype), sds((C, S), jnp.float32), sds((C, K), jnp.int32), sds((C, K), jnp.float32),

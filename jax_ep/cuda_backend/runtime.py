@@ -1,5 +1,10 @@
 """Communication memory of a ``Buffer`` for the load/store (intranode) kernels.
 
+Transport (``JAX_EP_TRANSPORT``): ``ipc`` (default) allocates with cudaMalloc and maps peers through CUDA
+IPC handles or in-process pointers; ``nvshmem`` allocates from NVSHMEM's symmetric heap (one PE per
+process, bootstrapped with a unique id through the key-value store) and reaches peers with nvshmem_ptr.
+The kernels are the same either way.
+
 Created on first use of the cuda backend (at trace time), once per Buffer: every local device of the
 mesh gets a block of memory outside XLA's allocator; peers learn each other's blocks through in-process
 pointers (one process driving several GPUs) or CUDA IPC handles exchanged through JAX's distributed
@@ -22,6 +27,40 @@ from .. import _cuda
 _lock = threading.Lock()
 _uids = itertools.count(1)   # same order on every process (SPMD): the uid names the exchange
 _KV_TIMEOUT_MS = int(float(os.environ.get("JAX_EP_EXCHANGE_TIMEOUT_S", "300")) * 1000)
+TRANSPORTS = ("ipc", "nvshmem")
+
+
+def transport() -> str:
+    value = os.environ.get("JAX_EP_TRANSPORT", "ipc")
+    if value not in TRANSPORTS:
+        raise ValueError(f"jax_ep: JAX_EP_TRANSPORT must be one of {TRANSPORTS}, got {value!r}")
+    return value
+
+
+def _kv_client():
+    from jax._src.distributed import global_state
+    return global_state.client
+
+
+def _nvshmem_bootstrap(ext, device: int, buffer_bytes: int):
+    """Initialise NVSHMEM once per process: PE = process index, the unique id made by process 0 and passed
+    through the key-value store. The symmetric heap is sized at init (JAX_EP_NVSHMEM_HEAP_BYTES, else room
+    for twice the first Buffer and at least 1 GiB): later Buffers must fit in it."""
+    if ext.nvshmem_ready():
+        return
+    n, me = jax.process_count(), jax.process_index()
+    client = _kv_client()
+    if n > 1 and client is None:
+        raise RuntimeError("jax_ep: JAX_EP_TRANSPORT=nvshmem with several processes needs jax.distributed.initialize()")
+    key = "jax_ep/nvshmem/unique_id"
+    if me == 0:
+        unique_id = ext.nvshmem_unique_id()
+        if n > 1:
+            client.key_value_set_bytes(key, unique_id)
+    else:
+        unique_id = client.blocking_key_value_get_bytes(key, _KV_TIMEOUT_MS)
+    heap = int(os.environ.get("JAX_EP_NVSHMEM_HEAP_BYTES", "0")) or max(2 * buffer_bytes + (64 << 20), 1 << 30)
+    ext.nvshmem_bootstrap(device, me, n, unique_id, heap)
 
 
 def layout_args(buffer) -> dict:
@@ -52,15 +91,25 @@ class IntranodeRuntime:
         self._prefix = f"jax_ep/{self.uid}/{tag.hexdigest()[:12]}"
         self._procs = sorted({d.process_index for d in devices.flat})
         self._client = None
+        self._symmetric = transport() == "nvshmem"
+        if self._symmetric:
+            if len(local) != 1:
+                raise RuntimeError("jax_ep: JAX_EP_TRANSPORT=nvshmem needs one device per process (one PE each), "
+                                   f"this process drives {len(local)}")
+            if len(self._procs) != jax.process_count():
+                raise RuntimeError("jax_ep: JAX_EP_TRANSPORT=nvshmem allocates collectively over every process: the "
+                                   "mesh must span all of them")
+            _nvshmem_bootstrap(ext, local[0].local_hardware_id, int(ext.intranode_bytes(**args)))
         try:
-            allocs = {d.id: ext.intranode_alloc(self.uid, d.local_hardware_id, **args) for d in local}
+            allocs = {d.id: ext.intranode_alloc(self.uid, d.local_hardware_id, **args, symmetric=self._symmetric)
+                      for d in local}
             if len(self._procs) > 1:
-                from jax._src.distributed import global_state
-                self._client = global_state.client
+                self._client = _kv_client()
                 if self._client is None:
                     raise RuntimeError("jax_ep: a mesh spanning several processes needs jax.distributed.initialize()")
-                for d in local:
-                    self._client.key_value_set_bytes(f"{self._prefix}/ipc/{d.id}", allocs[d.id][1])
+                if not self._symmetric:
+                    for d in local:
+                        self._client.key_value_set_bytes(f"{self._prefix}/ipc/{d.id}", allocs[d.id][1])
             for d in local:
                 self._open(ext, buffer, devices, ax, d, allocs)
             self.bytes_per_rank = allocs[local[0].id][2] if local else 0
@@ -74,6 +123,10 @@ class IntranodeRuntime:
     def _open(self, ext, buffer, devices, ax, d, allocs):
         coords = tuple(int(c) for c in np.argwhere(devices == d)[0])
         group = np.moveaxis(devices, ax, 0)[(slice(None),) + coords[:ax] + coords[ax + 1:]]
+        if self._symmetric:   # PE = process index (one device per process)
+            ext.intranode_open_symmetric(self.uid, d.local_hardware_id, coords[ax], [p.process_index for p in group],
+                                         float(buffer.timeout_s), int(buffer.num_sms or 0))
+            return
         ptrs, handles, peer_devs = [], [], []
         for peer in group:
             if peer.process_index == self._me:
