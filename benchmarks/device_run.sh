@@ -21,7 +21,7 @@ if ls .whl/jax_ep-*.whl >/dev/null 2>&1; then
   export PYTHONPATH=/tmp/site:$PWD
   cp /tmp/site/jax_ep/_C*.so jax_ep/   # the checkout's jax_ep shadows /tmp/site when run from the root
 fi
-RANKS=${*:-2 4 8}
+RANKS=${RANKS_OVERRIDE:-${*:-2 4 8}}   # a variant env (ab_run.sh) may pin its own
 {
   echo "commit: $(cat .dev/commit 2>/dev/null || git rev-parse HEAD 2>/dev/null)"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
