@@ -160,20 +160,6 @@ __device__ __forceinline__ float cast8_fp8(const int4& raw, bool round_scale, ui
   return scale_inv;
 }
 
-// The receive side's wait, as its own one-block kernel ahead of the copy kernel: nothing holds SMs while
-// peers are still sending (under MPS, spinning receive blocks take the SM share other ranks' senders need).
-// It starts the receive's kernel timer; the copy kernel's last block stops it.
-__global__ void ll_wait_kernel(PeerView v, const uint32_t* ticket, size_t flags_offset, int per_parity, int shift,
-                               int phase, int timer) {
-  trap_if_closed(v);
-  stamp_start(v, timer);
-  const uint64_t epoch = ticket_epoch(ticket);
-  const uint64_t* flags = field<uint64_t>(v.local, flags_offset) + (epoch & 1) * static_cast<size_t>(per_parity);
-  for (int i = threadIdx.x; i < per_parity; i += blockDim.x) {
-    wait_flag_geq(v, flags + i, epoch << shift, i % v.ll.num_ranks, phase);
-  }
-}
-
 // -- dispatch ---------------------------------------------------------------------------------------------
 
 __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(PeerView v, LowLatencyDispatchSendArgs a) {
@@ -285,12 +271,15 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_recv_kernel(PeerView v, 
   __shared__ int rows_from[kMaxPeers];
   const LowLatencyLayout& l = v.ll;
   const int R = l.num_ranks, E_loc = l.num_experts / R, H = l.hidden, T_max = l.max_tokens, S = R * T_max;
+  trap_if_closed(v);
+  stamp_start(v, kDispatchRecvKernel);
   const uint64_t epoch = ticket_epoch(a.ticket);
   const size_t parity = epoch & 1;
   for (int pair = blockIdx.x; pair < E_loc * R; pair += gridDim.x) {
   const int e = pair / R, s = pair % R;
-  if (threadIdx.x < R) {  // every signal of this op is in: ll_wait_kernel ran before this kernel
+  if (threadIdx.x < R) {
     const uint64_t* signal = field<uint64_t>(v.local, l.dispatch_signal) + (parity * E_loc + e) * R + threadIdx.x;
+    wait_flag_geq(v, signal, epoch << kSignalCountBits, threadIdx.x, kPhaseLowLatencyDispatchRecv);
     const int rows = static_cast<int>(ld_acquire_sys(signal) & ((1ull << kSignalCountBits) - 1));
     rows_from[threadIdx.x] = min(rows, T_max);
   }
@@ -387,8 +376,14 @@ __global__ void __launch_bounds__(kThreads) ll_combine_recv_kernel(PeerView v, L
   __shared__ float weight[32];
   const LowLatencyLayout& l = v.ll;
   const int R = l.num_ranks, E = l.num_experts, H = l.hidden, K = l.num_topk, T_max = l.max_tokens;
-  const uint64_t epoch = ticket_epoch(a.ticket);  // every owner's answers are in: ll_wait_kernel ran first
+  trap_if_closed(v);
+  stamp_start(v, kCombineRecvKernel);
+  const uint64_t epoch = ticket_epoch(a.ticket);
   const size_t parity = epoch & 1;
+  if (threadIdx.x < R) {
+    wait_flag_geq(v, field<uint64_t>(v.local, l.combine_signal) + parity * R + threadIdx.x, epoch, threadIdx.x,
+                  kPhaseLowLatencyCombineRecv);
+  }
   for (int t = blockIdx.x; t < a.num_tokens; t += gridDim.x) {
   __syncthreads();  // source_k / weight of the previous token are no longer read
   if (threadIdx.x < K) {
@@ -496,10 +491,6 @@ cudaError_t launch_low_latency_dispatch_send(const PeerView& view, const LowLate
 
 cudaError_t launch_low_latency_dispatch_recv(const PeerView& view, const LowLatencyDispatchRecvArgs& args,
                                              int num_blocks, cudaStream_t stream) {
-  const LowLatencyLayout& l = view.ll;
-  ll_wait_kernel<<<1, kThreads, 0, stream>>>(view, args.ticket, l.dispatch_signal, l.num_experts, kSignalCountBits,
-                                             kPhaseLowLatencyDispatchRecv, kDispatchRecvKernel);
-  JAX_EP_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   ll_dispatch_recv_kernel<<<capped_grid(view.ll.num_experts, receive_grid(num_blocks)), kThreads, 0, stream>>>(view, args);
   return cudaGetLastError();
 }
@@ -512,9 +503,6 @@ cudaError_t launch_low_latency_combine_send(const PeerView& view, const LowLaten
 
 cudaError_t launch_low_latency_combine_recv(const PeerView& view, const LowLatencyCombineRecvArgs& args,
                                             int num_blocks, cudaStream_t stream) {
-  ll_wait_kernel<<<1, kMaxPeers, 0, stream>>>(view, args.ticket, view.ll.combine_signal, view.ll.num_ranks, 0,
-                                              kPhaseLowLatencyCombineRecv, kCombineRecvKernel);
-  JAX_EP_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   ll_combine_recv_kernel<<<capped_grid(args.num_tokens, receive_grid(num_blocks)), kThreads, 0, stream>>>(view, args);
   return cudaGetLastError();
 }

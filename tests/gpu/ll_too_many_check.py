@@ -4,14 +4,17 @@
 from __future__ import annotations
 
 import os
+import sys
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from jax.sharding import Mesh, PartitionSpec as P
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))  # the checkout's jax_ep, installed or not
 
-import jax_ep
-from jax_ep.cuda_backend import runtime
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh, PartitionSpec as P  # noqa: E402
+
+import jax_ep  # noqa: E402
+from jax_ep.cuda_backend import runtime  # noqa: E402
 
 devs = jax.devices("cuda")
 R, T, H, K = len(devs), 16, 256, 2
