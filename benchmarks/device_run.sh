@@ -8,6 +8,7 @@
 # limits (peer/NVLink copy bandwidth between the GPUs, benchmarks/peer_copy.py), pytest (the whole
 # `pytest -m gpu`: single-process tests use every visible GPU), sweep (benchmarks/bench.py in one process over
 # every GPU, with the XLA baselines).
+# normal_mp / ll_mp: only the multi-rank checks of normal / ll.
 # BENCH_NORMAL_RANKS (default 8) and BENCH_LL (default "2:256 8:256 8:288", ranks:experts) pick the benchmarks.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
@@ -58,6 +59,8 @@ fi
 if has flax; then
   XLA_FLAGS="$CMDBUF" timeout 240 python3 -m pytest -q tests/test_gpu_flax.py -p no:cacheprovider 2>&1 | tail -3
 fi
+if has normal_mp; then for R in $RANKS; do mp_check normal "$R" tests/gpu/mp_normal_check.py; done; fi
+if has ll_mp; then for R in $RANKS; do mp_check ll "$R" tests/gpu/mp_low_latency_check.py "$CMDBUF"; done; fi
 if has ll; then
   timeout 240 python3 -m pytest -q tests/test_gpu_low_latency.py -k "single_process or third" -p no:cacheprovider 2>&1 | tail -15
   for R in $RANKS; do
