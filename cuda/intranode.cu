@@ -78,6 +78,13 @@ __device__ void wait_all_flags(const PeerView& v, size_t flags_offset, uint64_t 
   __syncthreads();
 }
 
+// The receive kernels' wait, as its own one-block kernel: the copy kernel that follows in the stream holds no
+// SM while peers are still sending. Under MPS (several ranks on one GPU) spinning receive blocks otherwise
+// occupy the SM share that other ranks' senders need.
+__global__ void wait_done_kernel(PeerView v, int phase) {
+  wait_all_flags(v, v.layout.done_flags, read_epoch(v), phase);
+}
+
 // -- dispatch: notify ------------------------------------------------------------------------------------
 
 __global__ void __launch_bounds__(kNotifyThreads, 1) notify_dispatch_kernel(PeerView v, DispatchArgs a) {
@@ -291,15 +298,13 @@ __device__ __forceinline__ void copy_or_zero(const uint8_t* src, uint8_t* dst, i
 }
 
 // One kernel for dispatch (with metadata) and cached dispatch (rows only).
-__global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(PeerView v, DispatchArgs a, const int32_t* stats,
-                                                                  int phase) {
+__global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(PeerView v, DispatchArgs a, const int32_t* stats) {
   extern __shared__ int tokens_per_expert[];
   const int R = v.layout.num_ranks, K = v.layout.num_topk, C = v.layout.capacity, lane = threadIdx.x & 31;
   const bool meta = a.out_idx != nullptr;
   const int E_loc = meta ? a.num_experts / R : 0;
-  const uint64_t epoch = read_epoch(v);
   for (int e = threadIdx.x; e < E_loc; e += blockDim.x) tokens_per_expert[e] = 0;
-  wait_all_flags(v, v.layout.done_flags, epoch, phase);
+  __syncthreads();  // every peer's rows are in: wait_done_kernel ran before this kernel
 
   const int num_recv = min(max(stats[0], 0), C);
   const int lo = v.rank * E_loc;
@@ -390,8 +395,7 @@ __device__ __forceinline__ void add_bf16x8(float* acc, int4 raw) {
 
 __global__ void __launch_bounds__(kThreads) combine_recv_kernel(PeerView v, CombineArgs a) {
   const int R = v.layout.num_ranks, lane = threadIdx.x & 31, T_max = v.layout.max_tokens;
-  const uint64_t epoch = read_epoch(v);
-  wait_all_flags(v, v.layout.done_flags, epoch, kPhaseCombineRecv);
+  // Every peer's rows are in: wait_done_kernel ran before this kernel.
   const int elem_bytes = a.y_is_bf16 ? 2 : 4;
   const int row_bytes = a.row_elems * elem_bytes;
   const bool vec16 = (row_bytes % 16) == 0;
@@ -532,8 +536,10 @@ cudaError_t launch_dispatch(const PeerView& view, const DispatchArgs& args, int 
       view, args.in, args.topk_idx, args.topk_weights, args.send_slot, args.num_tokens, args.num_experts);
   JAX_EP_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   const int E_loc = args.num_experts / view.layout.num_ranks;
+  wait_done_kernel<<<1, kMaxPeers, 0, stream>>>(view, kPhaseDispatchRecv);
+  JAX_EP_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   dispatch_recv_kernel<<<grid_for(num_blocks, view.layout.capacity), kThreads, E_loc * sizeof(int), stream>>>(
-      view, args, args.out_stats, kPhaseDispatchRecv);
+      view, args, args.out_stats);
   return cudaGetLastError();
 }
 
@@ -548,8 +554,9 @@ cudaError_t launch_cached_dispatch(const PeerView& view, const CachedDispatchArg
   recv.in = args.in;
   recv.in.scales = nullptr;
   recv.out_x = args.out_x;
-  dispatch_recv_kernel<<<grid_for(num_blocks, view.layout.capacity), kThreads, 0, stream>>>(view, recv, args.stats,
-                                                                                           kPhaseDispatchRecv);
+  wait_done_kernel<<<1, kMaxPeers, 0, stream>>>(view, kPhaseDispatchRecv);
+  JAX_EP_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  dispatch_recv_kernel<<<grid_for(num_blocks, view.layout.capacity), kThreads, 0, stream>>>(view, recv, args.stats);
   return cudaGetLastError();
 }
 
@@ -558,6 +565,8 @@ cudaError_t launch_combine(const PeerView& view, const CombineArgs& args, int nu
   JAX_EP_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   const int row_bytes = args.row_elems * (args.y_is_bf16 ? 2 : 4);
   combine_send_kernel<<<grid_for(num_blocks, view.layout.capacity), kThreads, 0, stream>>>(view, args, row_bytes);
+  JAX_EP_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  wait_done_kernel<<<1, kMaxPeers, 0, stream>>>(view, kPhaseCombineRecv);
   JAX_EP_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   combine_recv_kernel<<<grid_for(num_blocks, args.num_tokens), kThreads, 0, stream>>>(view, args);
   return cudaGetLastError();
