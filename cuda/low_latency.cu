@@ -109,6 +109,27 @@ __device__ __forceinline__ void warp_copy_chunk(const uint8_t* src, uint8_t* dst
   }
 }
 
+// warp_copy_chunk<false> in two halves, so that other loads can be issued between them.
+__device__ __forceinline__ void warp_load_chunk(const uint8_t* src, int bytes, int chunk, int4 v[4]) {
+  const int n = bytes / 16, j0 = chunk * kChunkVecs + (threadIdx.x & 31);
+  const int4* in = reinterpret_cast<const int4*>(src);
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    const int j = j0 + 32 * u;
+    v[u] = j < n ? ld_nc(in + j) : make_int4(0, 0, 0, 0);
+  }
+}
+
+__device__ __forceinline__ void warp_store_chunk(uint8_t* dst, int bytes, int chunk, const int4 v[4]) {
+  const int n = bytes / 16, j0 = chunk * kChunkVecs + (threadIdx.x & 31);
+  int4* out = reinterpret_cast<int4*>(dst);
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    const int j = j0 + 32 * u;
+    if (j < n) out[j] = v[u];
+  }
+}
+
 __device__ __forceinline__ void warp_copy4_peer_written(const uint8_t* src, uint8_t* dst, int bytes) {
   const int lane = threadIdx.x & 31;
   for (int j = lane; j < bytes / 4; j += 32) {
@@ -162,6 +183,27 @@ __device__ __forceinline__ float cast8_fp8(const int4& raw, bool round_scale, ui
 
 // -- dispatch ---------------------------------------------------------------------------------------------
 
+// The first kPrefetch 16-byte pieces a thread copies of a token row (H <= kPrefetch * kThreads * 8 channels:
+// all of it for H <= 8192), loaded ahead of the work that does not need them.
+constexpr int kPrefetch = 4;
+
+struct TokenPrefetch {
+  int4 piece[kPrefetch];  // piece i = int4 number threadIdx.x + i * kThreads of the bf16 row
+  int id;                 // warp 0, lane k < K: the token's k-th expert id (sanitized), else -1
+};
+
+__device__ __forceinline__ void prefetch_token(const LowLatencyDispatchSendArgs& a, int t, int H, int K, int E,
+                                               TokenPrefetch* p) {
+  const int4* x = reinterpret_cast<const int4*>(static_cast<const uint8_t*>(a.x) + static_cast<size_t>(t) * H * 2);
+#pragma unroll
+  for (int i = 0; i < kPrefetch; ++i) {
+    const int j = threadIdx.x + i * kThreads;
+    p->piece[i] = j < H / 8 ? ld_nc(x + j) : make_int4(0, 0, 0, 0);
+  }
+  const int lane = threadIdx.x & 31;
+  p->id = (threadIdx.x < 32 && lane < K) ? sanitize(a.topk_idx[t * K + lane], E) : -1;
+}
+
 __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(PeerView v, LowLatencyDispatchSendArgs a) {
   extern __shared__ uint32_t token_bits[];  // [E][W]: bit t set when token t names expert e
   const LowLatencyLayout& l = v.ll;
@@ -169,6 +211,9 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(PeerView v, 
   const int T = a.num_tokens, T_max = l.max_tokens, W = (T_max + 31) / 32, me = v.rank;
   trap_if_closed(v);
   stamp_start(v, kDispatchSendKernel);
+  // The block's first token is loaded now: its latency overlaps the bitmap below instead of following it.
+  TokenPrefetch pre;
+  if (blockIdx.x < T) prefetch_token(a, blockIdx.x, H, K, E, &pre);
   const uint64_t epoch = ld_peer_written(field<uint64_t>(v.local, l.dispatch_epoch)) + 1;
   const size_t parity = epoch & 1;
 
@@ -181,8 +226,8 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(PeerView v, 
   }
   __syncthreads();
 
-  // One block per token: its first K threads find the token's distinct destinations (expert owner, slot),
-  // then every warp casts / copies a share of the row once and stores it to all of them.
+  // One block per token: warp 0 finds the token's distinct destinations (expert owner, slot), then every
+  // thread casts / copies its pieces of the row once and stores them to all of them.
   __shared__ uint8_t* dest_rows[32];
   __shared__ int num_dests;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -191,20 +236,20 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(PeerView v, 
   for (int t = blockIdx.x; t < T; t += gridDim.x) {
     if (warp == 0) {
       uint8_t* row = nullptr;
-      const int k = lane;
-      if (k < K) {
-        const int id = sanitize(a.topk_idx[t * K + k], E);
-        bool first = id >= 0;  // a token naming an expert twice sends one row (from its first k)
-        for (int j = 0; j < k && first; ++j) first = a.topk_idx[t * K + j] != id;
-        if (first) {
-          const uint32_t* bits = token_bits + id * W;
-          int slot = __popc(bits[t >> 5] & ((1u << (t & 31)) - 1u));
-          for (int w = 0; w < (t >> 5); ++w) slot += __popc(bits[w]);
-          const int dest = id / E_loc, e = id % E_loc;
-          row = v.peers[dest] + l.dispatch_stage +
-                (((parity * E_loc + e) * R + me) * T_max + slot) * static_cast<size_t>(l.row_stride);
-          *reinterpret_cast<int4*>(row) = make_int4(t, k, 0, 0);
-        }
+      const int k = lane, id = pre.id;
+      bool first = id >= 0;  // a token naming an expert twice sends one row (from its first k)
+      for (int j = 0; j < K; ++j) {
+        const int other = __shfl_sync(kFullMask, id, j);
+        if (j < k && other == id) first = false;
+      }
+      if (first) {
+        const uint32_t* bits = token_bits + id * W;
+        int slot = __popc(bits[t >> 5] & ((1u << (t & 31)) - 1u));
+        for (int w = 0; w < (t >> 5); ++w) slot += __popc(bits[w]);
+        const int dest = id / E_loc, e = id % E_loc;
+        row = v.peers[dest] + l.dispatch_stage +
+              (((parity * E_loc + e) * R + me) * T_max + slot) * static_cast<size_t>(l.row_stride);
+        *reinterpret_cast<int4*>(row) = make_int4(t, k, 0, 0);
       }
       const unsigned mask = __ballot_sync(kFullMask, row != nullptr);
       if (row != nullptr) dest_rows[__popc(mask & ((1u << lane) - 1u))] = row;
@@ -213,18 +258,25 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(PeerView v, 
     __syncthreads();
     const int n = num_dests;
     const int4* x = reinterpret_cast<const int4*>(static_cast<const uint8_t*>(a.x) + static_cast<size_t>(t) * H * 2);
-    if (n > 0 && a.use_fp8) {
-      // 256 channels per warp step (two groups); each warp takes every kWarps-th step.
-      for (int step = warp; step * 256 < H; step += kWarps) {
-        const int e0 = step * 256 + lane * 8;
-        const bool active = e0 < H;  // H % 128 == 0: a half-warp is wholly active or idle
+    // Piece j (16 bytes = 8 channels) of the row is thread j % kThreads's; in fp8 a half-warp owns a
+    // 128-channel group, and since H % 128 == 0 a half-warp is wholly inside the row or wholly past it.
+    for (int i = 0; n > 0 && (i * kThreads + warp * 32) * 8 < H; ++i) {
+      const int j = threadIdx.x + i * kThreads;
+      const bool active = j < H / 8;
+      int4 raw = make_int4(0, 0, 0, 0);
+#pragma unroll
+      for (int u = 0; u < kPrefetch; ++u) {
+        if (u == i) raw = pre.piece[u];  // registers, not a local-memory array indexed at run time
+      }
+      if (i >= kPrefetch && active) raw = ld_nc(x + j);
+      if (a.use_fp8) {
         uint2 q;
-        const float scale_inv = cast8_fp8(active ? ld_nc(x + e0 / 8) : make_int4(0, 0, 0, 0), round_scale, &q);
+        const float scale_inv = cast8_fp8(raw, round_scale, &q);
         if (!active) continue;
-        const int g = e0 / 128;
+        const int g = j / 16;
         for (int d = 0; d < n; ++d) {
           uint8_t* row = dest_rows[d] + kHeaderBytes;
-          *reinterpret_cast<uint2*>(row + e0) = q;
+          *reinterpret_cast<uint2*>(row + j * 8) = q;
           if ((lane & 15) == 0) {
             if (a.use_ue8m0) {
               row[payload_bytes + g] = static_cast<uint8_t>((__float_as_uint(scale_inv) >> 23) & 0xff);
@@ -233,19 +285,17 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(PeerView v, 
             }
           }
         }
-      }
-      if (a.use_ue8m0 && threadIdx.x < n) {  // the packed word's unused bytes (jax_ep.fp8 pads with 2^0)
-        const int groups = H / 128;
-        uint8_t* scales = dest_rows[threadIdx.x] + kHeaderBytes + payload_bytes;
-        for (int g = groups; g < (groups + 3) / 4 * 4; ++g) scales[g] = kUe8m0One;
-      }
-    } else if (n > 0) {
-      for (int j = threadIdx.x; j < H / 8; j += blockDim.x) {
-        const int4 value = ld_nc(x + j);
-        for (int d = 0; d < n; ++d) reinterpret_cast<int4*>(dest_rows[d] + kHeaderBytes)[j] = value;
+      } else if (active) {
+        for (int d = 0; d < n; ++d) reinterpret_cast<int4*>(dest_rows[d] + kHeaderBytes)[j] = raw;
       }
     }
+    if (n > 0 && a.use_fp8 && a.use_ue8m0 && threadIdx.x < n) {  // the packed word's unused bytes (2^0)
+      const int groups = H / 128;
+      uint8_t* scales = dest_rows[threadIdx.x] + kHeaderBytes + payload_bytes;
+      for (int g = groups; g < (groups + 3) / 4 * 4; ++g) scales[g] = kUe8m0One;
+    }
     __syncthreads();  // dest_rows is rewritten for the next token
+    if (t + gridDim.x < T) prefetch_token(a, t + gridDim.x, H, K, E, &pre);
   }
 
   if (last_block_to_finish(field<unsigned>(v.local, l.counters) + kDispatchSendKernel)) {
@@ -351,10 +401,13 @@ __global__ void __launch_bounds__(kThreads) ll_combine_send_kernel(PeerView v, L
   for (int item = threadIdx.x >> 5; item < rows * chunks; item += kWarps) {
     const int j = item / chunks, chunk = item % chunks;
     const size_t in_row = static_cast<size_t>(e) * S + offset + j;
+    // The chunk's loads go out before the handle's (t, k) are read: the two latencies overlap.
+    int4 v4[4];
+    warp_load_chunk(static_cast<const uint8_t*>(a.y) + in_row * row_bytes, row_bytes, chunk, v4);
     const int t = a.src_info[in_row], k = a.recv_k[in_row];
     if (t < 0 || t >= T_max || k < 0 || k >= K) continue;
     uint8_t* dst = v.peers[s] + l.combine_stage + ((parity * T_max + t) * K + k) * static_cast<size_t>(row_bytes);
-    warp_copy_chunk<false>(static_cast<const uint8_t*>(a.y) + in_row * row_bytes, dst, row_bytes, chunk);
+    warp_store_chunk(dst, row_bytes, chunk, v4);
   }
   }
   if (last_block_to_finish(field<unsigned>(v.local, l.counters) + kCombineSendKernel)) {
