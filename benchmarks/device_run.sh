@@ -73,6 +73,8 @@ if has micro; then
 fi
 if has bench_normal; then
   for R in ${BENCH_NORMAL_RANKS:-8}; do
+    # Normal-mode kernels never spin on a grid (one-block waits), so every rank may use every SM under MPS.
+    JAX_EP_MPS_SM_PERCENT="${BENCH_NORMAL_SM_PERCENT:-100}" \
     timeout 220 python3 -m jax_ep.launch --nproc "$R" --timeout 200 -- python3 benchmarks/bench_normal.py \
       --hbm-bytes-per-s "$B" --peer-bytes-per-s "$PEER" --out "$OUT/bench_normal_R$R.json" --num-sms "${NUM_SMS:-0}" \
       > "$OUT/bench_normal_R$R.log" 2>&1
