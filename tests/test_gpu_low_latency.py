@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 import jax_ep
-from tests.gpu.harness import cuda_devices, run_multi_rank
+from tests.gpu.harness import cuda_devices, run_multi_rank, uniform_inputs
 
 pytestmark = pytest.mark.gpu
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,10 +50,7 @@ def test_single_process_matches_reference(use_fp8):
     cpu = jax.devices("cpu")
     if len(cpu) < R:
         pytest.skip("needs as many CPU devices as GPUs for the reference")
-    rng = np.random.default_rng(5)
-    idx = rng.integers(-1, E, (R * T, K)).astype(np.int32)
-    w = rng.random((R * T, K)).astype(np.float32)
-    x = jnp.asarray(rng.standard_normal((R * T, H)), jnp.bfloat16)
+    idx, w, x = uniform_inputs(5, R, T, H, K, E)
     got = _run(Mesh(np.array(gpus), ("ep",)), "cuda", x, idx, w, T, H, K, E, use_fp8)
     want = _run(Mesh(np.array(cpu[:R]), ("ep",)), "reference", np.asarray(x), idx, w, T, H, K, E, use_fp8)
     for g, wv in zip(got[:4], want[:4]):
@@ -69,10 +66,7 @@ def test_eager_shard_map_matches_jit(use_fp8):
     if not gpus:
         pytest.skip("no GPU")
     R, T, H, K, E = len(gpus), 16, 512, 4, 8 * len(gpus)
-    rng = np.random.default_rng(6)
-    idx = rng.integers(-1, E, (R * T, K)).astype(np.int32)
-    w = rng.random((R * T, K)).astype(np.float32)
-    x = jnp.asarray(rng.standard_normal((R * T, H)), jnp.bfloat16)
+    idx, w, x = uniform_inputs(6, R, T, H, K, E)
     mesh = Mesh(np.array(gpus), ("ep",))
     eager = _run(mesh, "cuda", x, idx, w, T, H, K, E, use_fp8, jit=False)
     jitted = _run(mesh, "cuda", x, idx, w, T, H, K, E, use_fp8)

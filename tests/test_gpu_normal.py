@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 import jax_ep
-from tests.gpu.harness import cuda_devices, run_multi_rank
+from tests.gpu.harness import cuda_devices, run_multi_rank, uniform_inputs
 
 pytestmark = pytest.mark.gpu
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,10 +46,7 @@ def test_single_process_matches_reference(layout):
     if not gpus:
         pytest.skip("no GPU")
     R, T, H, K, E = len(gpus), 300, 512, 6, 8 * len(gpus)
-    rng = np.random.default_rng(3)
-    idx = rng.integers(-1, E, (R * T, K)).astype(np.int32)
-    w = rng.random((R * T, K)).astype(np.float32)
-    x = jnp.asarray(rng.standard_normal((R * T, H)), jnp.bfloat16)
+    idx, w, x = uniform_inputs(3, R, T, H, K, E)
     got = _run(Mesh(np.array(gpus), ("ep",)), "cuda", x, idx, w, T, H, K, E, layout)
     cpu = jax.devices("cpu")
     if len(cpu) < R:
@@ -68,10 +65,7 @@ def test_eager_shard_map_matches_jit(layout):
     if not gpus:
         pytest.skip("no GPU")
     R, T, H, K, E = len(gpus), 64, 256, 4, 4 * len(gpus)
-    rng = np.random.default_rng(4)
-    idx = rng.integers(-1, E, (R * T, K)).astype(np.int32)
-    w = rng.random((R * T, K)).astype(np.float32)
-    x = jnp.asarray(rng.standard_normal((R * T, H)), jnp.bfloat16)
+    idx, w, x = uniform_inputs(4, R, T, H, K, E)
     mesh = Mesh(np.array(gpus), ("ep",))
     eager = _run(mesh, "cuda", x, idx, w, T, H, K, E, layout, jit=False)
     jitted = _run(mesh, "cuda", x, idx, w, T, H, K, E, layout)

@@ -108,6 +108,18 @@ def routing(rng, num_ranks, T, K, E, invalid=False, duplicates=False):
     return idx, w
 
 
+def uniform_inputs(seed, num_ranks, T, H, K, E):
+    """Single-process GPU tests' inputs: ids uniform in [-1, E) (-1 = none, repeats allowed), weights in
+    [0, 1), bf16 tokens; all ranks' rows stacked [R*T, ...]."""
+    import jax.numpy as jnp
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(-1, E, (num_ranks * T, K)).astype(np.int32)
+    w = rng.random((num_ranks * T, K)).astype(np.float32)
+    x = jnp.asarray(rng.standard_normal((num_ranks * T, H)), jnp.bfloat16)
+    return idx, w, x
+
+
 def timed(f, *args, repeats=10):
     """Median wall seconds of ``f(*args)`` (compiled and warmed up first)."""
     import time
