@@ -15,23 +15,15 @@ ranks (listed in ``floor_bytes``), over the HBM copy bandwidth B measured in the
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from tests.gpu.harness import gather, global_array, log, physical_gpus, setup, timed, timed_pipelined  # noqa: E402
+from tests.gpu.harness import (bench_arguments, gather, global_array, log, physical_gpus, setup, timed,  # noqa: E402
+                               timed_pipelined)
 
-p = argparse.ArgumentParser()
-p.add_argument("--tokens", type=int, default=128)
-p.add_argument("--hidden", type=int, default=7168)
-p.add_argument("--topk", type=int, default=8)
-p.add_argument("--experts", type=int, default=256)
-p.add_argument("--loop", type=int, default=20)
-p.add_argument("--repeats", type=int, default=10)
-p.add_argument("--hbm-bytes-per-s", type=float, default=0.0)
-p.add_argument("--out", default="")
+p = bench_arguments(tokens=128, loop=20)
 args = p.parse_args()
 
 rank, R, mesh, _ = setup()

@@ -12,25 +12,17 @@ ranks; combine counts the same rows in bf16. Rank 0 prints a JSON line and write
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from tests.gpu.harness import gather, global_array, log, physical_gpus, setup, timed, timed_pipelined  # noqa: E402
+from tests.gpu.harness import (bench_arguments, gather, global_array, log, physical_gpus, setup, timed,  # noqa: E402
+                               timed_pipelined)
 
-p = argparse.ArgumentParser()
-p.add_argument("--tokens", type=int, default=4096)
-p.add_argument("--hidden", type=int, default=7168)
-p.add_argument("--topk", type=int, default=8)
-p.add_argument("--experts", type=int, default=256)
-p.add_argument("--loop", type=int, default=10)
-p.add_argument("--repeats", type=int, default=10)
-p.add_argument("--hbm-bytes-per-s", type=float, default=0.0)
+p = bench_arguments(tokens=4096, loop=10)
 p.add_argument("--peer-bytes-per-s", type=float, default=0.0,
                help="per-GPU NVLink rate (benchmarks/peer_copy.py's sm_push_all_to_all) for runs over several GPUs")
-p.add_argument("--out", default="")
 p.add_argument("--num-sms", default="0", help="comma-separated SM budgets to sweep (0 = one block per SM)")
 args = p.parse_args()
 

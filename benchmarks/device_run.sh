@@ -7,7 +7,7 @@
 # micro (benchmarks/micro/row_scatter.cu, prebuilt by nvcc as .dev/row_scatter: the device may have no nvcc),
 # limits (peer/NVLink copy bandwidth between the GPUs, benchmarks/peer_copy.py), pytest (the whole
 # `pytest -m gpu`: single-process tests use every visible GPU), sweep (benchmarks/bench.py in one process over
-# every GPU, with the XLA baselines).
+# every GPU, with the XLA baselines), sweep_mp (the same through jax_ep.launch, SWEEP_RANKS ranks).
 # normal_mp / ll_mp: only the multi-rank checks of normal / ll.
 # BENCH_NORMAL_RANKS (default 8) and BENCH_LL (default "2:256 8:256 8:288", ranks:experts) pick the benchmarks.
 set -uo pipefail
@@ -87,6 +87,14 @@ if has bench_ll; then
     timeout 200 python3 -m jax_ep.launch --nproc "$1" --timeout 180 -- python3 benchmarks/bench_low_latency.py \
       --experts "$2" --hbm-bytes-per-s "$B" --out "$OUT/bench_ll_R$1_E$2.json" > "$OUT/bench_ll_R$1_E$2.log" 2>&1
     echo "bench_ll R=$1 E=$2 exit $?"; grep -E "BENCH|Error|error|timed out" "$OUT/bench_ll_R$1_E$2.log" | head -5
+  done
+fi
+if has sweep_mp; then  # the same sweep in the launcher harness: one rank per process (several per GPU under MPS)
+  for R in ${SWEEP_RANKS:-8}; do
+    timeout 420 python3 -m jax_ep.launch --nproc "$R" --timeout 400 -- python3 benchmarks/bench.py \
+      --tokens "${SWEEP_TOKENS:-128,1024,4096}" --hidden 7168 --topk 8 --experts 256 --hbm-bytes-per-s "$B" \
+      --no-progress --check --out "$OUT/sweep_mp_R$R.json" --plot > "$OUT/sweep_mp_R$R.log" 2>&1
+    echo "sweep_mp R=$R exit $?"; grep -v -E "GRPC|WatchTasks" "$OUT/sweep_mp_R$R.log" | tail -30
   done
 fi
 if has sweep; then

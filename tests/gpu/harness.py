@@ -108,6 +108,22 @@ def routing(rng, num_ranks, T, K, E, invalid=False, duplicates=False):
     return idx, w
 
 
+def bench_arguments(tokens, loop):
+    """The benchmark workers' shared options (DeepEP's configuration by default; tokens per rank and the
+    ops per timed loop differ between modes)."""
+    import argparse
+    p = argparse.ArgumentParser()
+    p.add_argument("--tokens", type=int, default=tokens)
+    p.add_argument("--hidden", type=int, default=7168)
+    p.add_argument("--topk", type=int, default=8)
+    p.add_argument("--experts", type=int, default=256)
+    p.add_argument("--loop", type=int, default=loop)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--hbm-bytes-per-s", type=float, default=0.0)
+    p.add_argument("--out", default="")
+    return p
+
+
 def uniform_inputs(seed, num_ranks, T, H, K, E):
     """Single-process GPU tests' inputs: ids uniform in [-1, E) (-1 = none, repeats allowed), weights in
     [0, 1), bf16 tokens; all ranks' rows stacked [R*T, ...]."""
