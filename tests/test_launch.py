@@ -1,4 +1,4 @@
-"""The launcher's CPU-side decisions (no GPU needed)."""
+"""CPU-side choices of the launcher and the runtime (no GPU needed)."""
 
 import pytest
 
@@ -19,3 +19,15 @@ def test_mps_share_override(monkeypatch):
         monkeypatch.setenv("JAX_EP_MPS_SM_PERCENT", bad)
         with pytest.raises(ValueError, match="JAX_EP_MPS_SM_PERCENT"):
             launch._sm_percent(8)
+
+
+def test_transport_choice(monkeypatch):
+    """JAX_EP_TRANSPORT picks the communication memory: CUDA IPC by default, NVSHMEM on request, nothing else."""
+    from jax_ep.cuda_backend import runtime
+    monkeypatch.delenv("JAX_EP_TRANSPORT", raising=False)
+    assert runtime.transport() == "ipc"
+    monkeypatch.setenv("JAX_EP_TRANSPORT", "nvshmem")
+    assert runtime.transport() == "nvshmem"
+    monkeypatch.setenv("JAX_EP_TRANSPORT", "rdma")
+    with pytest.raises(ValueError, match="JAX_EP_TRANSPORT"):
+        runtime.transport()
