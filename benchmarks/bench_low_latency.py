@@ -15,13 +15,12 @@ ranks (listed in ``floor_bytes``), over the HBM copy bandwidth B measured in the
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from tests.gpu.harness import (bench_arguments, gather, global_array, log, physical_gpus, setup, timed,  # noqa: E402
-                               timed_pipelined)
+from tests.gpu.harness import (bench_arguments, emit_result, gather, global_array, log, physical_gpus,  # noqa: E402
+                               setup, timed, timed_pipelined)
 
 p = bench_arguments(tokens=128, loop=20)
 args = p.parse_args()
@@ -135,10 +134,5 @@ if kernel and all(v for v in kernel.values()):
     summary["GBps_per_rank"] = dict(dispatch=sel / R * fp8_msg / t_d / 1e9, combine=sel / R * bf16_msg / t_c / 1e9)
     if B:
         summary["ratio_to_hbm_floor"] = dict(dispatch=t_d / (floor_dispatch / B), combine=t_c / (floor_combine / B))
-if rank == 0:
-    line = json.dumps(summary)
-    print("BENCH", line, flush=True)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(line + "\n")
+emit_result(rank, summary, args.out)
 log(rank, "done")

@@ -12,13 +12,12 @@ ranks; combine counts the same rows in bf16. Rank 0 prints a JSON line and write
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from tests.gpu.harness import (bench_arguments, gather, global_array, log, physical_gpus, setup, timed,  # noqa: E402
-                               timed_pipelined)
+from tests.gpu.harness import (bench_arguments, emit_result, gather, global_array, log, physical_gpus,  # noqa: E402
+                               setup, timed, timed_pipelined)
 
 p = bench_arguments(tokens=4096, loop=10)
 p.add_argument("--peer-bytes-per-s", type=float, default=0.0,
@@ -145,9 +144,5 @@ if rank == 0:
                    peer_bytes_per_s=PEER or None,
                    sms_sweep={str(n): {k: round(v["GBps_op"], 1) for k, v in res.items()} for n, res in sweep.items()},
                    hbm_copy_bytes_per_s=B, device=jax.devices()[0].device_kind, results=results)
-    line = json.dumps(summary)
-    print("BENCH", line, flush=True)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(line + "\n")
+    emit_result(rank, summary, args.out)
 log(rank, "done")

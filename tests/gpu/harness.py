@@ -173,10 +173,25 @@ def gather(name, value, rank, num_ranks, reduce=max):
 
 
 def physical_gpus(rank, num_ranks):
-    """How many distinct GPUs the launched ranks run on (the launcher pins each to CUDA_VISIBLE_DEVICES)."""
-    gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
-    gpu_id = float(gpu) if gpu.strip().isdigit() else float(abs(hash(gpu)) % 10**6)
-    return int(gather("physical_gpus", gpu_id, rank, num_ranks, reduce=lambda ids: len(set(ids))))
+    """How many distinct GPUs the launched ranks run on (the launcher pins each to CUDA_VISIBLE_DEVICES): the
+    (host, first visible GPU) pairs, compared by a checksum that is the same in every process (str hash is not)."""
+    import platform
+    import zlib
+    gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "?").split(",")[0].strip()
+    key = float(zlib.crc32(f"{platform.node()}:{gpu}".encode()))
+    return int(gather("physical_gpus", key, rank, num_ranks, reduce=lambda ids: len(set(ids))))
+
+
+def emit_result(rank, summary, out_path):
+    """Rank 0 prints a benchmark's summary as one ``BENCH {json}`` line and writes it to ``out_path`` (if set)."""
+    import json
+    if rank != 0:
+        return
+    line = json.dumps(summary)
+    print("BENCH", line, flush=True)
+    if out_path:
+        with open(out_path, "w") as fh:
+            fh.write(line + "\n")
 
 
 def cuda_devices():
