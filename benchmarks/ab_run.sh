@@ -3,12 +3,12 @@
 # checkout, apply the variant's patch (its Python changes included), drop in its extension and run
 # benchmarks/device_run.sh there. Results: $OUT/NAME/{summary.txt,all.tgz}.
 # Usage (repo root on the device, .dev carried): PARTS="ll bench_ll" bash benchmarks/ab_run.sh [ranks...]
-# A variant's env file (one NAME=value per line) may set its own PARTS, overriding the outer one.
+# VARIANTS picks and orders the variants. A variant's env file (one NAME=value per line) may set its own PARTS, overriding the outer one.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 ROOT=$(pwd)
-for dir in "$ROOT"/.dev/variants/*/; do
-  name=$(basename "$dir")
+for name in ${VARIANTS:-$(ls "$ROOT"/.dev/variants)}; do   # VARIANTS="a b": only these, in this order
+  dir="$ROOT/.dev/variants/$name/"
   work=/tmp/ab_$name
   rm -rf "$work" && mkdir -p "$work"
   (cd "$ROOT" && tar cf - --exclude=./.dev/variants --exclude=./.whl .) | (cd "$work" && tar xf -)

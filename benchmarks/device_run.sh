@@ -36,10 +36,12 @@ if has limits; then
   cat "$OUT/peer.json" >> "$OUT/summary.txt"
   PEER=$(python3 -c "import json;print(json.load(open('$OUT/peer.json')).get('sm_push_all_to_all',{}).get('bytes_per_s',0))" 2>/dev/null || echo 0)
 fi
+MP_TIMEOUT=${MP_TIMEOUT:-200}   # seconds per multi-rank check (the launcher gets 20 s less)
 mp_check() {  # mp_check NAME R SCRIPT [XLA_FLAGS]
-  XLA_FLAGS="${4:-}" JAX_EP_RESULT=$OUT/$1_R$2.json timeout 200 python3 -m jax_ep.launch --nproc "$2" --timeout 180 -- \
-    python3 "$3" > "$OUT/$1_R$2.log" 2>&1
-  echo "$1 R=$2 exit $?"; grep -E "checks passed|FAIL|Error|timed out" "$OUT/$1_R$2.log" | sort | uniq -c | head -12
+  local t0=$SECONDS rc
+  XLA_FLAGS="${4:-}" JAX_EP_RESULT=$OUT/$1_R$2.json timeout "$MP_TIMEOUT" python3 -m jax_ep.launch --nproc "$2" \
+    --timeout $((MP_TIMEOUT - 20)) -- python3 "$3" > "$OUT/$1_R$2.log" 2>&1
+  rc=$?; echo "$1 R=$2 exit $rc ($((SECONDS - t0)) s)"; grep -E "checks passed|FAIL|Error|timed out" "$OUT/$1_R$2.log" | sort | uniq -c | head -12
 }
 {
 if has normal; then
