@@ -23,6 +23,9 @@ p = bench_arguments(tokens=4096, loop=10)
 p.add_argument("--peer-bytes-per-s", type=float, default=0.0,
                help="per-GPU NVLink rate (benchmarks/peer_copy.py's sm_push_all_to_all) for runs over several GPUs")
 p.add_argument("--num-sms", default="0", help="comma-separated SM budgets to sweep (0 = one block per SM)")
+p.add_argument("--ranks-per-node", type=int, default=0,
+               help="internode mode with R / N (virtual) nodes; routing limited to --topk-groups nodes per token")
+p.add_argument("--topk-groups", type=int, default=4, help="nodes a token may use in internode mode (DeepSeek-V3)")
 args = p.parse_args()
 
 rank, R, mesh, _ = setup()
@@ -38,6 +41,14 @@ import jax_ep  # noqa: E402
 T, H, K, E = args.tokens, args.hidden, args.topk, args.experts
 rng = np.random.default_rng(0)
 scores = np.abs(rng.standard_normal((R * T, E))) + 1.0           # DeepEP's benchmark routing
+N = args.ranks_per_node or R
+NODES = R // N
+if NODES > 1:  # DeepEP's internode benchmark: experts from the top `topk_groups` nodes of each token only
+    by_node = scores.reshape(R * T, NODES, E // NODES).max(axis=2)
+    keep = np.argsort(-by_node, axis=1)[:, :min(args.topk_groups, NODES)]
+    allowed = np.zeros((R * T, NODES), bool)
+    np.put_along_axis(allowed, keep, True, axis=1)
+    scores = np.where(np.repeat(allowed, E // NODES, axis=1), scores, 0.0)
 idx = np.argsort(-scores, axis=1)[:, :K].astype(np.int32)
 w = rng.random((R * T, K)).astype(np.float32)
 x = rng.standard_normal((R * T, H)).astype(np.float32)
@@ -45,7 +56,7 @@ def bench(num_sms, with_fp8):
     tag = f"sms{num_sms}_"
     results = {}
     buf = jax_ep.Buffer(mesh, num_experts=E, hidden=H, max_tokens_per_rank=T, num_topk=K, backend="reference" if os.environ.get("JAX_EP_DRYRUN") else "cuda",
-                        num_sms=num_sms or None)
+                        num_sms=num_sms or None, ranks_per_node=N)
     gx, gi, gw = (global_array(mesh, a) for a in (x.astype(jnp.bfloat16), idx, w))
 
 
@@ -140,7 +151,16 @@ if rank == 0:
         for name, r in res.items():
             if "GBps_op" not in r:
                 r["GBps_op"] = r["recv_tokens_all_ranks"] * r["row_bytes"] / r["op_s"] / 1e9
-    summary = dict(config=dict(ranks=R, physical_gpus=G, tokens=T, hidden=H, topk=K, experts=E, loop=args.loop),
+    if NODES > 1:  # DeepEP's internode conventions: network ("RDMA") and NVLink ("NVL") bytes per rank
+        owner_node = idx // (E // R) // N
+        crossings = sum(int(np.sum(np.any(owner_node[s * T:(s + 1) * T] == m, axis=1)))
+                        for s in range(R) for m in range(NODES) if m != s // N)
+        for name, r in results.items():
+            r["network_bytes_per_rank"] = crossings / R * r["row_bytes"]
+            r["GBps_network_per_rank"] = r["network_bytes_per_rank"] / r["op_s"] / 1e9
+            r["GBps_nvl_per_rank"] = r["GBps_op"] / R
+    summary = dict(config=dict(ranks=R, physical_gpus=G, tokens=T, hidden=H, topk=K, experts=E, loop=args.loop,
+                               ranks_per_node=N, nodes=NODES, topk_groups=min(args.topk_groups, NODES)),
                    peer_bytes_per_s=PEER or None,
                    sms_sweep={str(n): {k: round(v["GBps_op"], 1) for k, v in res.items()} for n, res in sweep.items()},
                    hbm_copy_bytes_per_s=B, device=jax.devices()[0].device_kind, results=results)

@@ -8,7 +8,8 @@
 # limits (peer/NVLink copy bandwidth between the GPUs, benchmarks/peer_copy.py), pytest (the whole
 # `pytest -m gpu`: single-process tests use every visible GPU), sweep (benchmarks/bench.py in one process over
 # every GPU, with the XLA baselines), sweep_mp (the same through jax_ep.launch, SWEEP_RANKS ranks).
-# normal_mp / ll_mp: only the multi-rank checks of normal / ll.
+# normal_mp / ll_mp: only the multi-rank checks of normal / ll. internode (INTERNODE="R:N ...": the normal
+# check on virtual nodes), bench_internode (bench_normal on 8 ranks as nodes of BENCH_RANKS_PER_NODE).
 # BENCH_NORMAL_RANKS (default 8) and BENCH_LL (default "2:256 8:256 8:288", ranks:experts) pick the benchmarks.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
@@ -63,6 +64,12 @@ if has flax; then
 fi
 if has normal_mp; then for R in $RANKS; do mp_check normal "$R" tests/gpu/mp_normal_check.py; done; fi
 if has ll_mp; then for R in $RANKS; do mp_check ll "$R" tests/gpu/mp_low_latency_check.py "$CMDBUF"; done; fi
+if has internode; then  # virtual nodes: R ranks as NVSHMEM PEs, N per node (R:N pairs)
+  for cfg in ${INTERNODE:-4:2 8:4 8:2}; do
+    set -- ${cfg/:/ }
+    JAX_EP_RANKS_PER_NODE=$2 mp_check "internode_N$2" "$1" tests/gpu/mp_normal_check.py
+  done
+fi
 if has ll; then
   timeout 240 python3 -m pytest -q tests/test_gpu_low_latency.py -k "single_process or third" -p no:cacheprovider 2>&1 | tail -15
   for R in $RANKS; do
@@ -82,6 +89,12 @@ if has bench_normal; then
       > "$OUT/bench_normal_R$R.log" 2>&1
     echo "bench_normal R=$R exit $?"; grep -E "BENCH|Error|timed out" "$OUT/bench_normal_R$R.log" | head -5
   done
+fi
+if has bench_internode; then  # DeepEP's internode configuration on virtual nodes (8 ranks as 2 x 4)
+  timeout 220 python3 -m jax_ep.launch --nproc 8 --timeout 200 -- python3 benchmarks/bench_normal.py \
+    --hbm-bytes-per-s "$B" --ranks-per-node "${BENCH_RANKS_PER_NODE:-4}" --topk-groups 2 \
+    --out "$OUT/bench_internode_R8.json" > "$OUT/bench_internode_R8.log" 2>&1
+  echo "bench_internode exit $?"; grep -E "BENCH|Error|timed out" "$OUT/bench_internode_R8.log" | head -5
 fi
 if has bench_ll; then
   for cfg in ${BENCH_LL:-2:256 8:256 8:288}; do

@@ -10,10 +10,17 @@
 
 #include "cuda/common.cuh"
 #include "cuda/intranode.cuh"
+#include "cuda/row_copy.cuh"
 #include "cuda/sync.cuh"
 
 namespace jax_ep {
 namespace {
+
+using rows::add_bf16x8;
+using rows::block_exclusive_scan;
+using rows::copy_or_zero;
+using rows::kUnroll;
+using rows::send_row;
 
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
@@ -24,34 +31,6 @@ __device__ __forceinline__ uint64_t* epoch_ptr(const PeerView& v) { return field
 
 __device__ __forceinline__ uint64_t read_epoch(const PeerView& v) {
   return ld_peer_written(epoch_ptr(v));
-}
-
-// Block-wide exclusive scan of one int per thread (blockDim.x == kNotifyThreads). Returns the total.
-__device__ int block_exclusive_scan(int value, int* out_exclusive, int* warp_sums) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  int inclusive = value;
-#pragma unroll
-  for (int d = 1; d < 32; d <<= 1) {
-    const int n = __shfl_up_sync(kFullMask, inclusive, d);
-    if (lane >= d) inclusive += n;
-  }
-  if (lane == 31) warp_sums[warp] = inclusive;
-  __syncthreads();
-  if (warp == 0) {
-    int s = lane < (kNotifyThreads / 32) ? warp_sums[lane] : 0;
-#pragma unroll
-    for (int d = 1; d < 32; d <<= 1) {
-      const int n = __shfl_up_sync(kFullMask, s, d);
-      if (lane >= d) s += n;
-    }
-    warp_sums[lane] = s;  // inclusive over warps
-  }
-  __syncthreads();
-  const int warp_base = warp == 0 ? 0 : warp_sums[warp - 1];
-  *out_exclusive = warp_base + inclusive - value;
-  const int total = warp_sums[kNotifyThreads / 32 - 1];
-  __syncthreads();  // warp_sums is reused by the next scan
-  return total;
 }
 
 // Signal "done writing to you in this op" to every peer once all blocks of the kernel have finished
@@ -81,8 +60,12 @@ __device__ void wait_all_flags(const PeerView& v, size_t flags_offset, uint64_t 
 // The receive kernels' wait, as its own one-block kernel: the copy kernel that follows in the stream holds no
 // SM while peers are still sending. Under MPS (several ranks on one GPU) spinning receive blocks otherwise
 // occupy the SM share that other ranks' senders need.
-__global__ void wait_done_kernel(PeerView v, int phase) {
-  wait_all_flags(v, v.layout.done_flags, read_epoch(v), phase);
+// Ranks [first, first + count) (every rank, or in internode mode the ranks of this node).
+__global__ void wait_done_kernel(PeerView v, int first, int count, int phase) {
+  if (threadIdx.x < count) {
+    const int r = first + static_cast<int>(threadIdx.x);
+    wait_flag_geq(v, field<uint64_t>(v.local, v.layout.done_flags) + r, read_epoch(v), r, phase);
+  }
 }
 
 // -- dispatch: notify ------------------------------------------------------------------------------------
@@ -131,7 +114,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_dispatch_kernel(Peer
     int count = 0;
     for (int t = t0; t < t1; ++t) count += a.is_token_in_rank[t * R + r];
     int pos;
-    const int total = block_exclusive_scan(count, &pos, warp_sums);
+    const int total = block_exclusive_scan<kNotifyThreads>(count, &pos, warp_sums);
     for (int t = t0; t < t1; ++t) a.send_slot[t * R + r] = a.is_token_in_rank[t * R + r] ? pos++ : -1;
     if (tid == 0) row[r] = total;
   }
@@ -191,39 +174,6 @@ __global__ void enter_barrier_kernel(PeerView v, int phase) {
 
 // -- dispatch: send / receive ----------------------------------------------------------------------------
 
-// Copy `bytes` (a multiple of 4) from src to every destination of the warp's token. Lanes loop in
-// lockstep so the per-destination slot can be shuffled from the lane that loaded it; each lane keeps
-// kUnroll loads in flight before it stores them to every destination (the token is read once).
-constexpr int kUnroll = 4;
-
-template <typename Vec>
-__device__ __forceinline__ void send_row(const uint8_t* src, int bytes, const PeerView& v, size_t area_offset,
-                                         int area_row_bytes, int slot_lo, int slot_hi, uint64_t dest_mask) {
-  const int lane = threadIdx.x & 31;
-  const int n = bytes / static_cast<int>(sizeof(Vec));
-  const Vec* in = reinterpret_cast<const Vec*>(src);
-  for (int j0 = 0; j0 < n; j0 += 32 * kUnroll) {
-    Vec value[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int j = j0 + u * 32 + lane;
-      value[u] = j < n ? in[j] : Vec{};
-    }
-    uint64_t m = dest_mask;
-    while (m) {
-      const int r = __ffsll(static_cast<long long>(m)) - 1;
-      m &= m - 1;
-      const int slot = __shfl_sync(kFullMask, r < 32 ? slot_lo : slot_hi, r & 31);
-      Vec* out = reinterpret_cast<Vec*>(v.peers[r] + area_offset + static_cast<size_t>(slot) * area_row_bytes);
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int j = j0 + u * 32 + lane;
-        if (j < n) out[j] = value[u];
-      }
-    }
-  }
-}
-
 __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(PeerView v, Rows in, const int32_t* topk_idx,
                                                                   const float* topk_weights, const int32_t* send_slot,
                                                                   int num_tokens, int num_experts) {
@@ -274,27 +224,6 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(PeerView v, Row
     }
   }
   signal_done_when_last_block(v, epoch);
-}
-
-template <typename Vec>
-__device__ __forceinline__ void copy_or_zero(const uint8_t* src, uint8_t* dst, int bytes, bool valid) {
-  const int lane = threadIdx.x & 31;
-  const int n = bytes / static_cast<int>(sizeof(Vec));
-  const Vec* in = reinterpret_cast<const Vec*>(src);
-  Vec* out = reinterpret_cast<Vec*>(dst);
-  for (int j0 = 0; j0 < n; j0 += 32 * kUnroll) {
-    Vec value[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int j = j0 + u * 32 + lane;
-      value[u] = (valid && j < n) ? ld_peer_written(in + j) : Vec{};
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int j = j0 + u * 32 + lane;
-      if (j < n) out[j] = value[u];
-    }
-  }
 }
 
 // One kernel for dispatch (with metadata) and cached dispatch (rows only).
@@ -381,16 +310,6 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(PeerView v, Comb
     }
   }
   signal_done_when_last_block(v, epoch);
-}
-
-__device__ __forceinline__ void add_bf16x8(float* acc, int4 raw) {
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __bfloat1622float2(h[i]);
-    acc[2 * i] += f.x;
-    acc[2 * i + 1] += f.y;
-  }
 }
 
 __global__ void __launch_bounds__(kThreads) combine_recv_kernel(PeerView v, CombineArgs a) {
@@ -491,6 +410,12 @@ const char* wait_phase_name(int phase) {
     case kPhaseLowLatencyDispatchRecv: return "low-latency dispatch receive";
     case kPhaseLowLatencyCombineSend: return "low-latency combine send (receiver's staging area still in use)";
     case kPhaseLowLatencyCombineRecv: return "low-latency combine receive";
+    case kPhaseInternodeCounts: return "internode dispatch (count exchange, sender side)";
+    case kPhaseInternodeForward: return "internode dispatch (forwarder waiting for a source node's rows)";
+    case kPhaseInternodeReceive: return "internode dispatch (receiver waiting for its node's ranks)";
+    case kPhaseInternodeEnter: return "internode combine / cached dispatch (enter barrier)";
+    case kPhaseInternodeReduce: return "internode combine (forwarder waiting for its node's rows)";
+    case kPhaseInternodeCombine: return "internode combine (receiver waiting for another node's partial sums)";
     case kPhaseLowLatencyTooMany:
       return "a low-latency send while two results of the same kind were still pending (call *_recv before a "
              "third *_send)";
@@ -499,7 +424,7 @@ const char* wait_phase_name(int phase) {
 }
 
 IntranodeLayout make_intranode_layout(int num_ranks, int capacity, int max_tokens, int num_topk, int max_row_bytes,
-                                      int max_scale_bytes) {
+                                      int max_scale_bytes, int num_nodes) {
   IntranodeLayout l;
   l.num_ranks = num_ranks;
   l.capacity = capacity;
@@ -525,6 +450,22 @@ IntranodeLayout make_intranode_layout(int num_ranks, int capacity, int max_token
   l.recv_w = take(4 * C * K);
   l.recv_src = take(4 * C);
   l.comb = take(R * T * l.max_row_bytes);
+  l.num_nodes = num_nodes < 1 ? 1 : num_nodes;
+  l.node_size = num_ranks / l.num_nodes;
+  if (l.num_nodes > 1) {
+    const size_t M = l.num_nodes, N = l.node_size;
+    l.net_meta_bytes = (16 + 4 * static_cast<int>(N) + 8 * num_topk + 15) / 16 * 16;
+    l.net_row_stride = l.net_meta_bytes + l.max_row_bytes + l.max_scale_bytes;
+    l.node_counts = take(4 * M);
+    l.net_signal = take(8 * M);
+    l.comb_signal = take(8 * M);
+    l.recv_fwd = take(4 * C);
+    l.net_send = take(M * T * l.net_row_stride);
+    l.net_recv = take(M * T * l.net_row_stride);
+    l.reduce = take(M * T * N * l.max_row_bytes);
+    l.comb_send = take(M * T * l.max_row_bytes);
+    l.comb_recv = take(M * T * l.max_row_bytes);
+  }
   l.total = off;
   return l;
 }
@@ -536,10 +477,23 @@ cudaError_t launch_dispatch(const PeerView& view, const DispatchArgs& args, int 
       view, args.in, args.topk_idx, args.topk_weights, args.send_slot, args.num_tokens, args.num_experts);
   JAX_EP_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   const int E_loc = args.num_experts / view.layout.num_ranks;
-  wait_done_kernel<<<1, kMaxPeers, 0, stream>>>(view, kPhaseDispatchRecv);
+  wait_done_kernel<<<1, kMaxPeers, 0, stream>>>(view, 0, view.layout.num_ranks, kPhaseDispatchRecv);
   JAX_EP_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   dispatch_recv_kernel<<<grid_for(num_blocks, view.layout.capacity), kThreads, E_loc * sizeof(int), stream>>>(
       view, args, args.out_stats);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_wait_done(const PeerView& view, int first_rank, int num_ranks, int phase, cudaStream_t stream) {
+  wait_done_kernel<<<1, kMaxPeers, 0, stream>>>(view, first_rank, num_ranks, phase);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_dispatch_receive(const PeerView& view, const DispatchArgs& args, const int32_t* stats,
+                                    int num_blocks, cudaStream_t stream) {
+  const bool meta = args.out_idx != nullptr;
+  const size_t smem = meta ? (args.num_experts / view.layout.num_ranks) * sizeof(int) : 0;
+  dispatch_recv_kernel<<<grid_for(num_blocks, view.layout.capacity), kThreads, smem, stream>>>(view, args, stats);
   return cudaGetLastError();
 }
 
@@ -554,7 +508,7 @@ cudaError_t launch_cached_dispatch(const PeerView& view, const CachedDispatchArg
   recv.in = args.in;
   recv.in.scales = nullptr;
   recv.out_x = args.out_x;
-  wait_done_kernel<<<1, kMaxPeers, 0, stream>>>(view, kPhaseDispatchRecv);
+  wait_done_kernel<<<1, kMaxPeers, 0, stream>>>(view, 0, view.layout.num_ranks, kPhaseDispatchRecv);
   JAX_EP_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   dispatch_recv_kernel<<<grid_for(num_blocks, view.layout.capacity), kThreads, 0, stream>>>(view, recv, args.stats);
   return cudaGetLastError();
@@ -566,7 +520,7 @@ cudaError_t launch_combine(const PeerView& view, const CombineArgs& args, int nu
   const int row_bytes = args.row_elems * (args.y_is_bf16 ? 2 : 4);
   combine_send_kernel<<<grid_for(num_blocks, view.layout.capacity), kThreads, 0, stream>>>(view, args, row_bytes);
   JAX_EP_CUDA_RETURN_IF_ERROR(cudaGetLastError());
-  wait_done_kernel<<<1, kMaxPeers, 0, stream>>>(view, kPhaseCombineRecv);
+  wait_done_kernel<<<1, kMaxPeers, 0, stream>>>(view, 0, view.layout.num_ranks, kPhaseCombineRecv);
   JAX_EP_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   combine_recv_kernel<<<grid_for(num_blocks, args.num_tokens), kThreads, 0, stream>>>(view, args);
   return cudaGetLastError();

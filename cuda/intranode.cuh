@@ -39,11 +39,26 @@ struct IntranodeLayout {
   size_t recv_w = 0;         // f32[C][K]
   size_t recv_src = 0;       // i32[C]: source rank * T_max + source token
   size_t comb = 0;           // u8[R][T_max][max_row_bytes]: combine rows from rank r for my token t
+  // Internode mode (num_nodes > 1, cuda/internode.cuh): a node is node_size consecutive ranks; ranks of
+  // other nodes are reached by NVSHMEM puts only. Unused (zero) in intranode mode.
+  int num_nodes = 1;
+  int node_size = 0;
+  int net_row_stride = 0;    // one network row: meta (header, slots, ids, weights), payload, scales
+  int net_meta_bytes = 0;
+  size_t node_counts = 0;    // i32[nodes]: my tokens per destination node in this op (local only)
+  size_t net_signal = 0;     // u64[nodes]: epoch << 32 | rows, put by node m's rail peer (dispatch)
+  size_t net_send = 0;       // u8[nodes][T_max][net_row_stride]: the puts' source (registered memory)
+  size_t net_recv = 0;       // u8[nodes][T_max][net_row_stride]: rows from node m's rail peer
+  size_t recv_fwd = 0;       // i32[C]: a forwarded row's (source node * T_max + network row), -1 if direct
+  size_t reduce = 0;         // u8[nodes * T_max][node_size][max_row_bytes]: combine rows to sum per node
+  size_t comb_signal = 0;    // u64[nodes]: epoch, put by node m's rail peer (combine partial sums)
+  size_t comb_send = 0;      // u8[nodes][T_max][max_row_bytes]
+  size_t comb_recv = 0;      // u8[nodes][T_max][max_row_bytes]: node m's partial sum for my token t
   size_t total = 0;
 };
 
 IntranodeLayout make_intranode_layout(int num_ranks, int capacity, int max_tokens, int num_topk,
-                                      int max_row_bytes, int max_scale_bytes);
+                                      int max_row_bytes, int max_scale_bytes, int num_nodes = 1);
 
 // What a kernel needs to reach its peers. `peers` is a device array of num_ranks base pointers
 // (peers[rank] is this rank's own block).
@@ -56,6 +71,7 @@ struct PeerView {
   unsigned long long timeout_ns = 0;
   int* diag = nullptr;  // host-mapped i32[4]: {phase + 1, rank, peer, 0} of the first timeout
   const int* alive = nullptr;  // device word: 1 while open; a CUDA graph replayed after close() sees 0
+  const int* pes = nullptr;    // internode: device i32[R], the NVSHMEM PE of each rank
 };
 
 // Wait phases, reported by timeouts.
@@ -71,6 +87,12 @@ enum WaitPhase : int {
   kPhaseLowLatencyCombineSend = 8,
   kPhaseLowLatencyCombineRecv = 9,
   kPhaseLowLatencyTooMany = 10,  // a third send before the first result was received (not a wait)
+  kPhaseInternodeCounts = 11,    // count exchange over the network
+  kPhaseInternodeForward = 12,   // a forwarder waiting for a source node's rows
+  kPhaseInternodeReceive = 13,   // a receiver waiting for its node's ranks
+  kPhaseInternodeEnter = 14,     // combine / cached dispatch entry barrier
+  kPhaseInternodeReduce = 15,    // a forwarder waiting for its node's combine rows
+  kPhaseInternodeCombine = 16,   // a source waiting for another node's partial sums
 };
 const char* wait_phase_name(int phase);
 
@@ -133,5 +155,11 @@ struct CombineArgs {
 };
 
 cudaError_t launch_combine(const PeerView& view, const CombineArgs& args, int num_blocks, cudaStream_t stream);
+
+// Building blocks the internode kernels reuse: wait for the done flags of ranks [first, first + n), and the
+// receive copy (staging area -> XLA outputs; with metadata when args.out_idx is set) without its wait.
+cudaError_t launch_wait_done(const PeerView& view, int first_rank, int num_ranks, int phase, cudaStream_t stream);
+cudaError_t launch_dispatch_receive(const PeerView& view, const DispatchArgs& args, const int32_t* stats,
+                                    int num_blocks, cudaStream_t stream);
 
 }  // namespace jax_ep

@@ -13,6 +13,11 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpDispatch);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpCachedDispatch);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpCombine);
 
+// Internode normal mode (ffi/internode_handler.cc).
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpInternodeDispatch);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpInternodeCachedDispatch);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpInternodeCombine);
+
 // Low-latency (decode) mode, split phases (ffi/low_latency_handler.cc).
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpLowLatencyDispatchSend);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpLowLatencyDispatchRecv);

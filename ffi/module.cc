@@ -60,6 +60,9 @@ nb::dict Registrations() {
   d[nb::str("jax_ep_dispatch")] = Capsule(JaxEpDispatch);
   d[nb::str("jax_ep_cached_dispatch")] = Capsule(JaxEpCachedDispatch);
   d[nb::str("jax_ep_combine")] = Capsule(JaxEpCombine);
+  d[nb::str("jax_ep_internode_dispatch")] = Capsule(JaxEpInternodeDispatch);
+  d[nb::str("jax_ep_internode_cached_dispatch")] = Capsule(JaxEpInternodeCachedDispatch);
+  d[nb::str("jax_ep_internode_combine")] = Capsule(JaxEpInternodeCombine);
   d[nb::str("jax_ep_ll_dispatch_send")] = Capsule(JaxEpLowLatencyDispatchSend);
   d[nb::str("jax_ep_ll_dispatch_recv")] = Capsule(JaxEpLowLatencyDispatchRecv);
   d[nb::str("jax_ep_ll_combine_send")] = Capsule(JaxEpLowLatencyCombineSend);
@@ -95,9 +98,9 @@ struct Layouts {
   size_t total() const { return low_latency.enabled ? low_latency.end : intranode.total; }
 };
 
-// ll_num_experts = 0: no low-latency area.
+// ll_num_experts = 0: no low-latency area. num_nodes > 1: internode mode (nodes of num_ranks / num_nodes ranks).
 Layouts Layout(int num_ranks, int capacity, int max_tokens, int num_topk, int max_row_bytes, int max_scale_bytes,
-               int ll_num_experts, int ll_hidden) {
+               int ll_num_experts, int ll_hidden, int num_nodes = 1) {
   if (num_ranks < 1 || num_ranks > jax_ep::kMaxPeers) {
     throw std::invalid_argument("jax_ep: the intranode kernels support 1.." + std::to_string(jax_ep::kMaxPeers) +
                                 " ranks, got " + std::to_string(num_ranks));
@@ -111,9 +114,17 @@ Layouts Layout(int num_ranks, int capacity, int max_tokens, int num_topk, int ma
       int64_t{max_tokens} * num_topk >= limit || int64_t{max_tokens} * num_ranks >= limit) {
     throw std::invalid_argument("jax_ep: buffer too large for 32-bit row indices");
   }
+  if (num_nodes < 1 || num_ranks % num_nodes || (num_nodes > 1 && num_ranks / num_nodes > 31)) {
+    throw std::invalid_argument("jax_ep: internode mode needs num_ranks divisible by the node count and at most 31 "
+                                "ranks per node (got " + std::to_string(num_ranks) + " ranks, " +
+                                std::to_string(num_nodes) + " nodes)");
+  }
+  if (num_nodes > 1 && ll_num_experts > 0) {
+    throw std::invalid_argument("jax_ep: a Buffer spanning several nodes has no low-latency mode yet");
+  }
   Layouts l;
   l.intranode = jax_ep::make_intranode_layout(num_ranks, capacity, max_tokens, num_topk, max_row_bytes,
-                                              max_scale_bytes);
+                                              max_scale_bytes, num_nodes);
   if (ll_num_experts > 0) {
     if (ll_num_experts % num_ranks || ll_hidden < 8 || ll_hidden % 8) {
       throw std::invalid_argument("jax_ep: low-latency mode needs num_experts % num_ranks == 0 and hidden % 8 == 0");
@@ -134,9 +145,13 @@ Layouts Layout(int num_ranks, int capacity, int max_tokens, int num_topk, int ma
 std::tuple<uintptr_t, nb::bytes, size_t> IntranodeAlloc(int64_t uid, int device, int num_ranks, int capacity,
                                                         int max_tokens, int num_topk, int max_row_bytes,
                                                         int max_scale_bytes, int ll_num_experts, int ll_hidden,
-                                                        bool symmetric) {
+                                                        bool symmetric, int num_nodes) {
   const Layouts l = Layout(num_ranks, capacity, max_tokens, num_topk, max_row_bytes, max_scale_bytes, ll_num_experts,
-                           ll_hidden);
+                           ll_hidden, num_nodes);
+  if (num_nodes > 1 && !symmetric) {
+    throw std::invalid_argument("jax_ep: internode mode reaches other nodes through NVSHMEM: the Buffer's memory "
+                                "must come from the symmetric heap (JAX_EP_TRANSPORT=nvshmem)");
+  }
   auto r = jax_ep::runtime_alloc(uid, device, l.intranode, l.low_latency, l.total(), symmetric);
   return {r.ptr, nb::bytes(r.ipc_handle.data(), r.ipc_handle.size()), r.bytes};
 }
@@ -159,18 +174,19 @@ NB_MODULE(_C, m) {
         "Dict describing how this extension was built (CUDA archs, versions).");
   m.def("intranode_bytes",
         [](int num_ranks, int capacity, int max_tokens, int num_topk, int max_row_bytes, int max_scale_bytes,
-           int ll_num_experts, int ll_hidden) {
+           int ll_num_experts, int ll_hidden, int num_nodes) {
           return Layout(num_ranks, capacity, max_tokens, num_topk, max_row_bytes, max_scale_bytes, ll_num_experts,
-                        ll_hidden)
+                        ll_hidden, num_nodes)
               .total();
         },
         nb::arg("num_ranks"), nb::arg("capacity"), nb::arg("max_tokens"), nb::arg("num_topk"),
         nb::arg("max_row_bytes"), nb::arg("max_scale_bytes"), nb::arg("ll_num_experts") = 0, nb::arg("ll_hidden") = 0,
+        nb::arg("num_nodes") = 1,
         "Bytes of one rank's intranode communication memory for this configuration.");
   m.def("intranode_alloc", &IntranodeAlloc, nb::arg("uid"), nb::arg("device"), nb::arg("num_ranks"),
         nb::arg("capacity"), nb::arg("max_tokens"), nb::arg("num_topk"), nb::arg("max_row_bytes"),
         nb::arg("max_scale_bytes"), nb::arg("ll_num_experts") = 0, nb::arg("ll_hidden") = 0,
-        nb::arg("symmetric") = false,
+        nb::arg("symmetric") = false, nb::arg("num_nodes") = 1,
         "Allocate (cudaMalloc, zeroed) this rank's communication memory: (pointer, CUDA IPC handle, bytes).");
   m.def("intranode_open", &IntranodeOpen, nb::arg("uid"), nb::arg("device"), nb::arg("rank"), nb::arg("ptrs"),
         nb::arg("handles"), nb::arg("peer_devices"), nb::arg("timeout_s"), nb::arg("num_blocks"),

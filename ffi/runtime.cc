@@ -22,6 +22,7 @@ struct GroupState {
   bool symmetric = false;  // NVSHMEM symmetric heap (freed collectively) instead of cudaMalloc + IPC
   uint8_t* local = nullptr;
   uint8_t** peers_dev = nullptr;
+  int* pes_dev = nullptr;  // internode: NVSHMEM PE of each rank
   std::vector<void*> ipc_opened;
   int* diag_host = nullptr;
   // 1 while open. Device memory, read by every block of every kernel (a host-mapped word costs a PCIe round
@@ -67,6 +68,8 @@ void unmap(GroupState& g) {
   g.ipc_opened.clear();
   if (g.peers_dev) cudaFree(g.peers_dev);
   g.peers_dev = nullptr;
+  if (g.pes_dev) cudaFree(g.pes_dev);
+  g.pes_dev = nullptr;
   g.open = false;
 }
 
@@ -236,15 +239,24 @@ void runtime_open_symmetric(int64_t uid, int device, int rank, const std::vector
   }
   DeviceGuard guard(device);
   std::vector<uint8_t*> peers(R, nullptr);
+  // Internode buffers (layout.num_nodes > 1) store only into their own node; other nodes get puts.
+  const int node_size = g.layout.node_size > 0 ? g.layout.node_size : R;
   for (int r = 0; r < R; ++r) {
     peers[r] = static_cast<uint8_t*>(nvshmem_peer(g.local, peer_pes[r]));
-    if (peers[r] == nullptr) {
+    const bool same_node = r / node_size == rank / node_size;
+    if (peers[r] == nullptr && same_node) {
       throw std::runtime_error("jax_ep runtime: rank " + std::to_string(r) + " (PE " + std::to_string(peer_pes[r]) +
-                               ") has no load/store path from this GPU; ranks on other nodes need the internode "
-                               "kernels, which are not built yet");
+                               ") has no load/store path from this GPU" +
+                               (g.layout.num_nodes > 1 ? std::string(" but is declared in this rank's node")
+                                                       : std::string("; declare nodes (Buffer(ranks_per_node=...))")));
     }
   }
+  if (g.layout.num_nodes > 1) {
+    check(cudaMalloc(reinterpret_cast<void**>(&g.pes_dev), R * sizeof(int)), "cudaMalloc (PE table)");
+    check(cudaMemcpy(g.pes_dev, peer_pes.data(), R * sizeof(int), cudaMemcpyHostToDevice), "cudaMemcpy (PE table)");
+  }
   finish_open(g, peers, rank, timeout_s, num_blocks);
+  g.view.pes = g.pes_dev;
 }
 
 

@@ -36,6 +36,8 @@ class Buffer:
       backend: ``"cuda"``, ``"reference"`` or None (auto: cuda on GPUs when the extension has the op;
         the ``JAX_EP_BACKEND`` environment variable overrides auto).
       num_sms: SM budget of the normal-mode kernels (None: the kernels' default).
+      ranks_per_node: ranks that reach each other by load/store (a node); fewer than the axis size selects
+        the internode normal mode (nodes of consecutive ranks, NVSHMEM between nodes; same outputs).
       timeout_s: device-side wait limit before a kernel fails the call naming the rank it waited for.
     """
 
@@ -51,6 +53,7 @@ class Buffer:
     low_latency: bool = False
     backend: str | None = None
     num_sms: int | None = None
+    ranks_per_node: int | None = None
     timeout_s: float = float(os.environ.get("JAX_EP_TIMEOUT_S", "100"))
 
     def __post_init__(self):
@@ -75,6 +78,15 @@ class Buffer:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ValueError(f"jax_ep.Buffer: {name} must be None or a positive int, got {value!r}")
+        if self.ranks_per_node is not None:
+            n = self.ranks_per_node
+            if not isinstance(n, int) or isinstance(n, bool) or n <= 0 or R % n:
+                raise ValueError(f"jax_ep.Buffer: ranks_per_node={n!r} must be a positive divisor of the {R} ranks")
+            if n < R and n > 31:
+                raise ValueError(f"jax_ep.Buffer: at most 31 ranks per node in internode mode, got {n}")
+            if n < R and self.low_latency:
+                raise ValueError("jax_ep.Buffer: low-latency mode over several nodes is not built yet "
+                                 "(ranks_per_node < num_ranks with low_latency=True)")
         if self.backend not in (None, "cuda", "reference"):
             raise ValueError(f"jax_ep.Buffer: backend must be None, 'cuda' or 'reference', got {self.backend!r}")
         if not self.timeout_s > 0:
@@ -95,6 +107,11 @@ class Buffer:
     def num_ranks(self) -> int:
         """R: devices along the EP axis."""
         return int(self.mesh.shape[self.axis])
+
+    @property
+    def num_nodes(self) -> int:
+        """Nodes of the EP group: 1 (intranode) unless ranks_per_node splits it (internode mode)."""
+        return self.num_ranks // (self.ranks_per_node or self.num_ranks)
 
     @property
     def num_local_experts(self) -> int:
@@ -121,7 +138,8 @@ class Buffer:
     def size_hint(self) -> int:
         """Bytes of communication memory one rank's CUDA runtime allocates for this config (mirrors
         cuda/intranode.cu and cuda/low_latency.cu): flags, count matrix, a C-row staging area and an R x T_max
-        combine area (rows sized for f32 payloads); with ``low_latency``, a double-buffered expert-major
+        combine area (rows sized for f32 payloads); over several nodes, network send / receive rows, the
+        forwarder's per-node reduce rows and partial sums (cuda/internode.cuh); with ``low_latency``, a double-buffered expert-major
         staging area ``2 x E x T_max`` rows of ``16 + 2H`` bytes and a ``2 x T_max x K`` bf16 combine area.
         The reference backend allocates nothing."""
         def area(nbytes):
@@ -130,6 +148,11 @@ class Buffer:
         row = (4 * max(H, K) + 15) // 16 * 16
         scales = (4 * math.ceil(H / 128) + 15) // 16 * 16
         sizes = [8, 8, 8 * R, 8 * R, 4 * 2 * R * R, C * row, C * scales, 4 * C * K, 4 * C * K, 4 * C, R * T * row]
+        if self.num_nodes > 1:  # internode: network rows in and out, the forwarder's reduce rows, partial sums
+            M, N = self.num_nodes, R // self.num_nodes
+            net = (16 + 4 * N + 8 * K + 15) // 16 * 16 + row + scales
+            sizes += [4 * M, 8 * M, 8 * M, 4 * C, M * T * net, M * T * net, M * T * N * row, M * T * row,
+                      M * T * row]
         if self.low_latency:
             E = self.num_experts
             stride = (16 + 2 * H + 15) // 16 * 16

@@ -64,7 +64,8 @@ def dispatch(buffer: Buffer, x, topk_idx, topk_weights, *, expert_alignment: int
     backend = _backend.resolve("dispatch", buffer.backend, _backend.platform_of(buffer))
     if backend == "cuda":
         from .cuda_backend import runtime
-        cfg = dataclasses.replace(cfg, runtime_uid=runtime.ensure(buffer).uid)
+        cfg = dataclasses.replace(cfg, runtime_uid=runtime.ensure(buffer).uid, num_nodes=buffer.num_nodes,
+                                  max_tokens_per_rank=buffer.max_tokens_per_rank)
     out = _dispatch(cfg, backend, data, scales, topk_idx, topk_weights)
     out["handle"] = DispatchHandle(arrays=out["handle"], backend=backend, config=cfg)
     result = DispatchOutput(**out)

@@ -150,3 +150,27 @@ def test_low_latency_buffer_too_many_tokens_is_a_clear_error():
     assert ext.intranode_bytes(ll_num_experts=256, **args) > 0            # 256 x 47 words: fits
     with pytest.raises(ValueError, match="fewer tokens per rank"):
         ext.intranode_bytes(ll_num_experts=256, **dict(args, max_tokens=1505))
+
+
+def test_ranks_per_node_selects_internode_mode():
+    mesh = ep_mesh(8)
+
+    def make(**kw):
+        return jax_ep.Buffer(mesh, num_experts=16, hidden=256, max_tokens_per_rank=32, num_topk=4, **kw)
+    assert make().num_nodes == 1 and make(ranks_per_node=8).num_nodes == 1
+    assert make(ranks_per_node=4).num_nodes == 2 and make(ranks_per_node=1).num_nodes == 8
+    assert make(ranks_per_node=2).size_hint > make().size_hint   # network and reduce areas
+    for bad in (3, 0, 16, True):
+        with pytest.raises(ValueError, match="ranks_per_node"):
+            make(ranks_per_node=bad)
+    with pytest.raises(ValueError, match="low-latency mode over several nodes"):
+        make(ranks_per_node=4, low_latency=True)
+
+
+def test_internode_size_hint_matches_the_extension():
+    ext = pytest.importorskip("jax_ep._C")
+    from jax_ep.cuda_backend import runtime
+    mesh = ep_mesh(8)
+    for n in (8, 4, 2, 1):
+        buf = jax_ep.Buffer(mesh, num_experts=32, hidden=7168, max_tokens_per_rank=96, num_topk=8, ranks_per_node=n)
+        assert buf.size_hint == ext.intranode_bytes(**runtime.layout_args(buf))

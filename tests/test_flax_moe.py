@@ -116,6 +116,18 @@ def test_forward_matches_dense_f32(ep, router):
     assert int(aux["overflow"]) == 0
 
 
+def test_ranks_per_node_keeps_the_results():
+    """A layer declared over 2 nodes (internode kernels on GPUs; the reference backend here) computes the same."""
+    m = make_moe(8, router="deepseek_v3", ranks_per_node=4)
+    x = tokens(64)
+    y, _ = run(m, x)
+    ref, _, _ = dense_moe(m.config, m.arrays(), x)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    assert m.buffer(8).num_nodes == 2
+    with pytest.raises(ValueError, match="low-latency mode over several nodes"):
+        make_moe(8, mode="low_latency", ranks_per_node=4)
+
+
 def test_forward_3d_input_and_sharded_weights():
     m = make_moe(4, dp=2)
     assert m.w_gate[...].sharding.is_equivalent_to(NamedSharding(m.mesh, P("ep")), 3)      # split over ep

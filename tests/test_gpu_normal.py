@@ -78,6 +78,13 @@ def test_multi_process_matches_reference(ranks):
     run_multi_rank("mp_normal_check.py", ranks)
 
 
+@pytest.mark.parametrize("ranks,ranks_per_node", [(4, 2), (8, 4), (8, 2)])
+def test_internode_virtual_nodes_match_reference(ranks, ranks_per_node):
+    """Internode mode with virtual nodes (ranks as processes, NVSHMEM PEs; every cross-node byte goes through
+    put-with-signal): every output of the intranode check, plus group-limited routings."""
+    run_multi_rank("mp_normal_check.py", ranks, env={"JAX_EP_RANKS_PER_NODE": str(ranks_per_node)})
+
+
 def test_timeout_names_the_missing_rank():
     """A peer that never joins: the waiting rank fails within the timeout and says which rank it waited for."""
     if not cuda_devices():

@@ -67,7 +67,8 @@ def layout_args(buffer) -> dict:
     H, K = buffer.hidden, buffer.num_topk
     return dict(num_ranks=buffer.num_ranks, capacity=buffer.recv_capacity, max_tokens=buffer.max_tokens_per_rank,
                 num_topk=K, max_row_bytes=4 * max(H, K), max_scale_bytes=4 * math.ceil(H / 128),
-                ll_num_experts=buffer.num_experts if buffer.low_latency else 0, ll_hidden=H if buffer.low_latency else 0)
+                ll_num_experts=buffer.num_experts if buffer.low_latency else 0, ll_hidden=H if buffer.low_latency else 0,
+                num_nodes=buffer.num_nodes)
 
 
 class IntranodeRuntime:
@@ -91,11 +92,13 @@ class IntranodeRuntime:
         self._prefix = f"jax_ep/{self.uid}/{tag.hexdigest()[:12]}"
         self._procs = sorted({d.process_index for d in devices.flat})
         self._client = None
-        self._symmetric = transport() == "nvshmem"
+        # Internode mode reaches other nodes through NVSHMEM puts: its memory is always symmetric.
+        self._symmetric = transport() == "nvshmem" or buffer.num_nodes > 1
         if self._symmetric:
             if len(local) != 1:
-                raise RuntimeError("jax_ep: JAX_EP_TRANSPORT=nvshmem needs one device per process (one PE each), "
-                                   f"this process drives {len(local)}")
+                why = "a Buffer over several nodes" if buffer.num_nodes > 1 else "JAX_EP_TRANSPORT=nvshmem"
+                raise RuntimeError(f"jax_ep: {why} uses NVSHMEM, which needs one device per process (one PE each); "
+                                   f"this process drives {len(local)} (start one process per GPU: jax_ep.launch)")
             if len(self._procs) != jax.process_count():
                 raise RuntimeError("jax_ep: JAX_EP_TRANSPORT=nvshmem allocates collectively over every process: the "
                                    "mesh must span all of them")

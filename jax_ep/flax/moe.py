@@ -54,6 +54,7 @@ class MoEConfig:
     dtype: jnp.dtype
     precision: jax.lax.Precision | None
     backend: str | None
+    ranks_per_node: int | None = None
 
     @property
     def num_experts(self):
@@ -65,11 +66,13 @@ class MoEConfig:
 
 
 @functools.lru_cache(maxsize=None)
-def _buffer(mesh, axis, num_experts, hidden, max_tokens, topk, max_recv_rows, low_latency, backend):
+def _buffer(mesh, axis, num_experts, hidden, max_tokens, topk, max_recv_rows, low_latency, backend,
+            ranks_per_node=None):
     # One Buffer per distinct static config (on GPUs a Buffer owns communication memory: never rebuild it
     # per call or per trace).
     return jax_ep.Buffer(mesh, axis, num_experts=num_experts, hidden=hidden, max_tokens_per_rank=max_tokens,
-                         num_topk=topk, max_recv_rows=max_recv_rows, low_latency=low_latency, backend=backend)
+                         num_topk=topk, max_recv_rows=max_recv_rows, low_latency=low_latency, backend=backend,
+                         ranks_per_node=ranks_per_node)
 
 
 def _expert_init(in_axis):
@@ -103,6 +106,9 @@ class MoE(nnx.Module):
       dtype: compute / payload dtype (float32 or bfloat16); param_dtype: storage dtype of the weights.
       precision: matmul precision of the expert and shared FFNs.
       backend: jax_ep backend (None = auto).
+      ranks_per_node: ranks of one node (load/store peers); fewer than the EP size runs the normal mode's
+        internode kernels (jax_ep.Buffer). Route with ``router="deepseek_v3"``, ``n_group`` = nodes and a small
+        ``topk_group`` so that tokens cross to few nodes.
 
     Call: ``y, aux = moe(x)`` with ``x [N, H]`` or ``[B, S, H]`` (N divisible by the number of token
     shards); ``y`` has x's shape and ``dtype``. ``aux`` (all replicated unless noted):
@@ -120,7 +126,8 @@ class MoE(nnx.Module):
                  num_shared_experts: int = 0, shared_ffn: int | None = None, mode: str = "normal",
                  max_tokens_per_rank: int | None = None, capacity_factor: float | None = None,
                  max_recv_rows: int | None = None, expert_alignment: int = 1, use_fp8: bool = False,
-                 dtype=jnp.float32, param_dtype=jnp.float32, precision=None, backend: str | None = None):
+                 dtype=jnp.float32, param_dtype=jnp.float32, precision=None, backend: str | None = None,
+                 ranks_per_node: int | None = None):
         if mode not in MODES:
             raise ValueError(f"MoE: mode must be one of {MODES}, got {mode!r}")
         if ep_axis not in mesh.axis_names:
@@ -138,7 +145,9 @@ class MoE(nnx.Module):
             num_token_shards=math.prod(mesh.shape[a] for a in token_axes), mode=mode,
             expert_alignment=int(expert_alignment), capacity_factor=capacity_factor, max_recv_rows=max_recv_rows,
             max_tokens_per_rank=max_tokens_per_rank, use_fp8=bool(use_fp8), dtype=jnp.dtype(dtype),
-            precision=precision, backend=backend)
+            precision=precision, backend=backend, ranks_per_node=ranks_per_node)
+        if ranks_per_node is not None and ranks_per_node < mesh.shape[ep_axis] and mode == "low_latency":
+            raise ValueError("MoE: low-latency mode over several nodes is not built yet (ranks_per_node < EP size)")
         if num_experts % mesh.shape[ep_axis]:
             raise ValueError(f"MoE: num_experts={num_experts} is not divisible by the {mesh.shape[ep_axis]} "
                              f"ranks of axis {ep_axis!r}")
@@ -180,7 +189,7 @@ class MoE(nnx.Module):
         if rows is None and c.capacity_factor is not None:
             rows = max(1, math.ceil(c.capacity_factor * t_max * c.topk))
         return _buffer(self.mesh, c.ep_axis, c.num_experts, c.hidden, t_max, c.topk, rows,
-                       c.mode == "low_latency", c.backend)
+                       c.mode == "low_latency", c.backend, c.ranks_per_node)
 
     def __call__(self, x):
         c = self.config

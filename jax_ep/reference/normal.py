@@ -28,6 +28,8 @@ class NormalConfig:
     expert_alignment: int
     layout: str            # "rank_major" | "expert_major"
     runtime_uid: int = 0   # cuda backend: the Buffer's communication memory
+    num_nodes: int = 1     # cuda backend: > 1 = internode kernels (same outputs)
+    max_tokens_per_rank: int = 0  # cuda backend, internode: T_max (sizes the forwarder's handle arrays)
 
     @property
     def num_local_experts(self):

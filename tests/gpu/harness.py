@@ -203,7 +203,7 @@ def cuda_devices():
         return []
 
 
-def run_multi_rank(script, ranks, timeout_s=300):
+def run_multi_rank(script, ranks, timeout_s=300, env=None):
     """pytest side: run tests/gpu/<script> as ``ranks`` processes through ``jax_ep.launch`` (several per GPU
     under MPS) and fail with its output unless every rank exits 0. Skips without a GPU, or without MPS
     when ranks outnumber GPUs."""
@@ -219,5 +219,5 @@ def run_multi_rank(script, ranks, timeout_s=300):
     cmd = [sys.executable, "-m", "jax_ep.launch", "--nproc", str(ranks), "--timeout", str(timeout_s - 20), "--",
            sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), script)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
-                          env=dict(os.environ, JAX_EP_TIMEOUT_S="20"))
+                          env=dict(os.environ, JAX_EP_TIMEOUT_S="20", **(env or {})))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -1,0 +1,111 @@
+// Warp-level row copies and a block scan shared by the intranode and internode kernels (device code only).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/intranode.cuh"
+#include "cuda/sync.cuh"
+
+namespace jax_ep {
+namespace rows {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// Copy `bytes` (a multiple of 4) from src to every destination of the warp's token. Lanes loop in
+// lockstep so the per-destination slot can be shuffled from the lane that loaded it; each lane keeps
+// kUnroll loads in flight before it stores them to every destination (the token is read once).
+constexpr int kUnroll = 4;
+
+template <typename Vec>
+__device__ __forceinline__ void send_row(const uint8_t* src, int bytes, const PeerView& v, size_t area_offset,
+                                         int area_row_bytes, int slot_lo, int slot_hi, uint64_t dest_mask) {
+  const int lane = threadIdx.x & 31;
+  const int n = bytes / static_cast<int>(sizeof(Vec));
+  const Vec* in = reinterpret_cast<const Vec*>(src);
+  for (int j0 = 0; j0 < n; j0 += 32 * kUnroll) {
+    Vec value[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int j = j0 + u * 32 + lane;
+      value[u] = j < n ? in[j] : Vec{};
+    }
+    uint64_t m = dest_mask;
+    while (m) {
+      const int r = __ffsll(static_cast<long long>(m)) - 1;
+      m &= m - 1;
+      const int slot = __shfl_sync(kFullMask, r < 32 ? slot_lo : slot_hi, r & 31);
+      Vec* out = reinterpret_cast<Vec*>(v.peers[r] + area_offset + static_cast<size_t>(slot) * area_row_bytes);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int j = j0 + u * 32 + lane;
+        if (j < n) out[j] = value[u];
+      }
+    }
+  }
+}
+
+template <typename Vec>
+__device__ __forceinline__ void copy_or_zero(const uint8_t* src, uint8_t* dst, int bytes, bool valid) {
+  const int lane = threadIdx.x & 31;
+  const int n = bytes / static_cast<int>(sizeof(Vec));
+  const Vec* in = reinterpret_cast<const Vec*>(src);
+  Vec* out = reinterpret_cast<Vec*>(dst);
+  for (int j0 = 0; j0 < n; j0 += 32 * kUnroll) {
+    Vec value[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int j = j0 + u * 32 + lane;
+      value[u] = (valid && j < n) ? ld_peer_written(in + j) : Vec{};
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int j = j0 + u * 32 + lane;
+      if (j < n) out[j] = value[u];
+    }
+  }
+}
+
+__device__ __forceinline__ void add_bf16x8(float* acc, int4 raw) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(h[i]);
+    acc[2 * i] += f.x;
+    acc[2 * i + 1] += f.y;
+  }
+}
+
+// Block-wide exclusive scan of one int per thread (blockDim.x == kBlock). Returns the total.
+template <int kBlock>
+__device__ int block_exclusive_scan(int value, int* out_exclusive, int* warp_sums) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int inclusive = value;
+#pragma unroll
+  for (int d = 1; d < 32; d <<= 1) {
+    const int n = __shfl_up_sync(kFullMask, inclusive, d);
+    if (lane >= d) inclusive += n;
+  }
+  if (lane == 31) warp_sums[warp] = inclusive;
+  __syncthreads();
+  if (warp == 0) {
+    int s = lane < (kBlock / 32) ? warp_sums[lane] : 0;
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+      const int n = __shfl_up_sync(kFullMask, s, d);
+      if (lane >= d) s += n;
+    }
+    warp_sums[lane] = s;  // inclusive over warps
+  }
+  __syncthreads();
+  const int warp_base = warp == 0 ? 0 : warp_sums[warp - 1];
+  *out_exclusive = warp_base + inclusive - value;
+  const int total = warp_sums[kBlock / 32 - 1];
+  __syncthreads();  // warp_sums is reused by the next scan
+  return total;
+}
+
+}  // namespace rows
+}  // namespace jax_ep
