@@ -85,8 +85,10 @@ def test_internode_virtual_nodes_match_reference(ranks, ranks_per_node):
     run_multi_rank("mp_normal_check.py", ranks, env={"JAX_EP_RANKS_PER_NODE": str(ranks_per_node)})
 
 
-def test_timeout_names_the_missing_rank():
-    """A peer that never joins: the waiting rank fails within the timeout and says which rank it waited for."""
+@pytest.mark.parametrize("ranks_per_node", [None, 1], ids=["intranode", "internode"])
+def test_timeout_names_the_missing_rank(ranks_per_node):
+    """A peer that never joins: the waiting rank fails within the timeout and says which rank it waited for
+    (internode: and at which stage)."""
     if not cuda_devices():
         pytest.skip("no GPU")
     if len(cuda_devices()) < 2 and shutil.which("nvidia-cuda-mps-control") is None:
@@ -94,6 +96,7 @@ def test_timeout_names_the_missing_rank():
     cmd = [sys.executable, "-m", "jax_ep.launch", "--nproc", "2", "--timeout", "120", "--",
            sys.executable, os.path.join(ROOT, "tests", "gpu", "mp_timeout_check.py")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=150,
-                          env=dict(os.environ, JAX_EP_TIMEOUT_S="3"))
+                          env=dict(os.environ, JAX_EP_TIMEOUT_S="3",
+                                   **({"JAX_EP_RANKS_PER_NODE": str(ranks_per_node)} if ranks_per_node else {})))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "waiting for rank 1" in proc.stdout
