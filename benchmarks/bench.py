@@ -371,8 +371,10 @@ class JaxEp:
                                  low_latency=work.mode == "low_latency", backend=backend)
 
     def backend(self, op: str) -> str:
+        """The backend jax_ep runs ``op`` on. Normal-mode combine runs where its dispatch ran (jax_ep.normal
+        resolves "dispatch" only; the handle carries the choice), so both ops resolve "dispatch"."""
         from jax_ep import _backend
-        name = op if self.mode == "normal" else f"low_latency_{op}"
+        name = "dispatch" if self.mode == "normal" else f"low_latency_{op}"
         return _backend.resolve(name, self.buf.backend, _backend.platform_of(self.buf))
 
     def casts(self, dtype) -> bool:

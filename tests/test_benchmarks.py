@@ -130,6 +130,19 @@ def test_padded_all_to_all_receives_jax_eps_rows():
     assert not bench.same_received_rows(a, changed)
 
 
+@pytest.mark.parametrize("mode", ["normal", "low_latency"])
+def test_jax_ep_backend_is_what_the_library_runs(mode, monkeypatch):
+    """bench.JaxEp.backend names the backend jax_ep's own entry points resolve (it once asked for a normal-mode
+    "combine" op, which the registry does not list, got "reference", and skipped every normal point on GPUs)."""
+    from jax_ep import _backend, _cuda
+    monkeypatch.delenv("JAX_EP_BACKEND", raising=False)   # auto, as on a user's GPU machine
+    monkeypatch.setattr(_backend, "platform_of", lambda buf: "gpu")
+    monkeypatch.setattr(_cuda, "available", lambda: True)
+    work = bench.Work(mode, 4, 8, 128, 2, 8)
+    jep = bench.JaxEp(bench.make_mesh(4), work)
+    assert {op: jep.backend(op) for op in ("dispatch", "combine")} == {"dispatch": "cuda", "combine": "cuda"}
+
+
 def test_emulated_ragged_all_to_all_semantics():
     """The CPU stand-in follows jax.lax.ragged_all_to_all's documented semantics (numpy model)."""
     R, M, H = 4, 6, 3
