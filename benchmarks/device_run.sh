@@ -9,7 +9,7 @@
 # `pytest -m gpu`: single-process tests use every visible GPU), sweep (benchmarks/bench.py in one process over
 # every GPU, with the XLA baselines), sweep_mp (the same through jax_ep.launch, SWEEP_RANKS ranks).
 # normal_mp / ll_mp: only the multi-rank checks of normal / ll. internode (INTERNODE="R:N ...": the normal
-# check on virtual nodes), bench_internode (bench_normal on 8 ranks as nodes of BENCH_RANKS_PER_NODE).
+# check on virtual nodes), bench_internode (bench_normal on 8 ranks as nodes of each of BENCH_RANKS_PER_NODE, default "4 2").
 # BENCH_NORMAL_RANKS (default 8) and BENCH_LL (default "2:256 8:256 8:288", ranks:experts) pick the benchmarks.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
@@ -90,11 +90,14 @@ if has bench_normal; then
     echo "bench_normal R=$R exit $?"; grep -E "BENCH|Error|timed out" "$OUT/bench_normal_R$R.log" | head -5
   done
 fi
-if has bench_internode; then  # DeepEP's internode configuration on virtual nodes (8 ranks as 2 x 4)
-  timeout 220 python3 -m jax_ep.launch --nproc 8 --timeout 200 -- python3 benchmarks/bench_normal.py \
-    --hbm-bytes-per-s "$B" --ranks-per-node "${BENCH_RANKS_PER_NODE:-4}" --topk-groups 2 \
-    --out "$OUT/bench_internode_R8.json" > "$OUT/bench_internode_R8.log" 2>&1
-  echo "bench_internode exit $?"; grep -E "BENCH|Error|timed out" "$OUT/bench_internode_R8.log" | head -5
+if has bench_internode; then  # DeepEP's internode configuration on virtual nodes: 8 ranks as nodes of N ranks,
+  # each token's experts on the top min(nodes, 4) nodes (DeepEP's test_internode), fp8 and bf16 dispatch
+  for N in ${BENCH_RANKS_PER_NODE:-4 2}; do
+    timeout 220 python3 -m jax_ep.launch --nproc 8 --timeout 200 -- python3 benchmarks/bench_normal.py \
+      --hbm-bytes-per-s "$B" --ranks-per-node "$N" --topk-groups 4 \
+      --out "$OUT/bench_internode_R8_N$N.json" > "$OUT/bench_internode_R8_N$N.log" 2>&1
+    echo "bench_internode R=8 N=$N exit $?"; grep -E "BENCH|Error|timed out" "$OUT/bench_internode_R8_N$N.log" | head -5
+  done
 fi
 if has bench_ll; then
   for cfg in ${BENCH_LL:-2:256 8:256 8:288}; do
