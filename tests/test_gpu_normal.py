@@ -78,7 +78,7 @@ def test_multi_process_matches_reference(ranks):
     run_multi_rank("mp_normal_check.py", ranks)
 
 
-@pytest.mark.parametrize("ranks,ranks_per_node", [(4, 2), (8, 4), (8, 2)])
+@pytest.mark.parametrize("ranks,ranks_per_node", [(2, 1), (4, 2), (8, 4), (8, 2)])
 def test_internode_virtual_nodes_match_reference(ranks, ranks_per_node):
     """Internode mode with virtual nodes (ranks as processes, NVSHMEM PEs; every cross-node byte goes through
     put-with-signal): every output of the intranode check, plus group-limited routings."""
