@@ -73,7 +73,7 @@ def test_eager_shard_map_matches_jit(layout):
         np.testing.assert_array_equal(g, want)
 
 
-@pytest.mark.parametrize("ranks", [2, 4])
+@pytest.mark.parametrize("ranks", [2, 4, 8])
 def test_multi_process_matches_reference(ranks):
     run_multi_rank("mp_normal_check.py", ranks)
 
