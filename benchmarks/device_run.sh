@@ -5,6 +5,7 @@
 # backend, command buffers on), ll (low-latency pytest + checks),
 # bench_normal (R=8, DeepEP's normal config), bench_ll (R=2 and R=8, DeepEP's low-latency config),
 # micro (benchmarks/micro/row_scatter.cu, prebuilt by nvcc as .dev/row_scatter: the device may have no nvcc),
+# micro_ipc (benchmarks/micro/ipc_scatter.py: the send's scatter in 8 processes, IPC peers vs own memory),
 # limits (peer/NVLink copy bandwidth between the GPUs, benchmarks/peer_copy.py), pytest (the whole
 # `pytest -m gpu`: single-process tests use every visible GPU), sweep (benchmarks/bench.py in one process over
 # every GPU, with the XLA baselines), sweep_mp (the same through jax_ep.launch, SWEEP_RANKS ranks).
@@ -79,6 +80,13 @@ fi
 if has micro; then
   if [ -x .dev/row_scatter ]; then .dev/row_scatter > "$OUT/row_scatter.log" 2>&1; echo "row_scatter exit $?"; cat "$OUT/row_scatter.log";
   else echo "micro: no .dev/row_scatter (nvcc -O3 -std=c++17 -arch=sm_90 benchmarks/micro/row_scatter.cu -o .dev/row_scatter)"; fi
+fi
+if has micro_ipc; then  # the dispatch send's scatter across 8 processes: into peers' IPC mappings vs own memory
+  for rb in 14336 7168; do
+    JAX_EP_MPS_SM_PERCENT=100 timeout 150 python3 -m jax_ep.launch --nproc 8 --timeout 130 -- \
+      python3 benchmarks/micro/ipc_scatter.py --row-bytes "$rb" > "$OUT/ipc_scatter_$rb.log" 2>&1
+    echo "ipc_scatter row_bytes=$rb exit $?"; grep -E '^\{|Error' "$OUT/ipc_scatter_$rb.log" | head -8
+  done
 fi
 if has bench_normal; then
   for R in ${BENCH_NORMAL_RANKS:-8}; do
