@@ -297,15 +297,22 @@ def test_low_latency_padded_all_to_all_matches_jax_ep():
 
 def test_ipc_scatter_plan_matches_the_kernels_slots():
     """benchmarks/micro/ipc_scatter.py (GPU-only timing) lays rows out as cuda/intranode.cu does: per destination,
-    every source's rows are a contiguous block after lower sources', in token order, covering [0, received)."""
+    every source's rows are a contiguous block after lower sources', in token order, covering [0, received);
+    its pull plan names, for every slot, the (source, token) the push plan put there."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("ipc_scatter", os.path.join(BENCH_DIR, "micro", "ipc_scatter.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     R, T = 4, 64
-    plans = [mod.plan(r, R, T) for r in range(R)]
+    member = mod.membership(R, T)
+    plans = [mod.plan(r, member) for r in range(R)]
     received = plans[0][1]
     for d in range(R):
         got = np.concatenate([s[:, d][s[:, d] >= 0] for s, _ in plans])
         np.testing.assert_array_equal(got, np.arange(received[d]))   # source-major, token order, no gaps
+        pull = mod.gather_plan(d, member)
+        assert len(pull) == received[d]
+        for s, (slots, _) in enumerate(plans):
+            t = np.flatnonzero(slots[:, d] >= 0)
+            np.testing.assert_array_equal(pull[slots[t, d]], s * T + t)
     assert all((s >= 0).any(axis=1).all() for s, _ in plans)        # every token goes somewhere (top-8 of 256)

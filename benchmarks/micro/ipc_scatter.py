@@ -9,16 +9,20 @@ send's pattern -- one warp per token, the row read once (4 x 16-byte loads in fl
 each destination rank's slot, DeepEP's routing (top-8 of 256 experts, ~5.3 of 8 ranks per token) -- in every
 rank at once, with the slots the kernel computes (lower ranks' rows first, then token order), and times:
 
-  peers  rows go to the destination ranks' staging buffers through CUDA IPC (what cuda/intranode.cu does);
-  self   the same rows and slots, but every destination is this rank's own buffer (no IPC mapping);
+  push_peers  rows go to the destination ranks' staging buffers through CUDA IPC (what cuda/intranode.cu does);
+  push_self   the same rows and slots, but every destination is this rank's own buffer (no IPC mapping);
 
-each with the block's closing fence at system scope (today's kernels), at GPU scope, or none.
+each with the block's closing fence at system scope (today's kernels), at GPU scope, or none; and the pull
+design's receive, every received row read from its source rank's stage (the tokens, copied there once):
+
+  pull_peers  through CUDA IPC;   pull_self  the same rows from this rank's own stage.
+
 Run (one GPU, 8 ranks as processes under MPS; CuPy needed)::
 
     python -m jax_ep.launch --nproc 8 -- python benchmarks/micro/ipc_scatter.py [--tokens 4096] [--row-bytes 14336]
 
-Rank 0 prints one JSON line per (target, fence): the slowest rank's kernel time and the aggregate bytes
-written to staging per second. ``--plan-only`` prints the routing summary without a GPU (used by the tests).
+Rank 0 prints one JSON line per experiment: the slowest rank's kernel time, the rows moved per second and
+the HBM traffic (read + write) per second. ``--plan-only`` prints the routing summary without a GPU (used by the tests).
 """
 
 from __future__ import annotations
@@ -64,25 +68,61 @@ extern "C" __global__ void scatter_rows(const int4* __restrict__ src, const unsi
   if (fence == 2) __threadfence_system();
   if (fence == 1) __threadfence();
 }
+
+// The pull alternative's receive: slot c's row is read from its source rank's stage (row t of that rank's
+// tokens, copied there once by the source) and written to this rank's output; one warp per slot.
+extern "C" __global__ void gather_rows(int4* __restrict__ out, const unsigned long long* __restrict__ src_base,
+                                       const int* __restrict__ recv_src, int C, int T, int row_vecs) {
+  const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+  for (int c = blockIdx.x * warps + (threadIdx.x >> 5); c < C; c += gridDim.x * warps) {
+    const int src = recv_src[c], s = src / T, t = src % T;
+    const int4* in = reinterpret_cast<const int4*>(src_base[s]) + (long long)t * row_vecs;
+    int4* o = out + (long long)c * row_vecs;
+    for (int j0 = 0; j0 < row_vecs; j0 += 128) {
+      int4 v[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int j = j0 + u * 32 + lane;
+        v[u] = j < row_vecs ? in[j] : make_int4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int j = j0 + u * 32 + lane;
+        if (j < row_vecs) o[j] = v[u];
+      }
+    }
+  }
+}
 """
 
 
-def plan(rank: int, ranks: int, tokens: int, topk: int = 8, experts: int = 256, seed: int = 0):
-    """Every rank's destinations (DeepEP's benchmark routing, the same draw in every process) and this rank's
-    slots: for destination r, the rows of lower ranks first, then this rank's tokens in order; -1 = not sent.
-    Returns (slots [T, R] int32, rows received per rank [R])."""
+def membership(ranks: int, tokens: int, topk: int = 8, experts: int = 256, seed: int = 0):
+    """DeepEP's benchmark routing, the same draw in every process: bool [source, token, destination]."""
     rng = np.random.default_rng(seed)
     scores = np.abs(rng.standard_normal((ranks * tokens, experts))) + 1.0
-    idx = np.argsort(-scores, axis=1)[:, :topk]
-    owner = idx // (experts // ranks)                                    # [R*T, K]
+    owner = np.argsort(-scores, axis=1)[:, :topk] // (experts // ranks)      # [R*T, K]
     member = np.zeros((ranks * tokens, ranks), bool)
     np.put_along_axis(member, owner, True, axis=1)
-    member = member.reshape(ranks, tokens, ranks)                        # [source, token, destination]
+    return member.reshape(ranks, tokens, ranks)
+
+
+def plan(rank: int, member):
+    """The sending side, as cuda/intranode.cu lays rows out: this rank's slot at every destination (lower
+    sources' rows first, then token order; -1 = not sent) and the rows each rank receives.
+    Returns (slots [T, R] int32, received [R])."""
     counts = member.sum(axis=1)                                          # [source, destination]
-    base = np.cumsum(counts, axis=0) - counts                            # rows of lower sources first
+    base = np.cumsum(counts, axis=0) - counts
     mine = member[rank]
     slots = np.where(mine, np.cumsum(mine, axis=0) - 1 + base[rank], -1).astype(np.int32)
     return slots, counts.sum(axis=0)
+
+
+def gather_plan(rank: int, member):
+    """The receiving side of the same layout: for each of this rank's slots, its source as s * T + t (the
+    pull design reads that row from rank s's stage). int32 [rows received]."""
+    tokens = member.shape[1]
+    src = [s * tokens + np.flatnonzero(member[s, :, rank]) for s in range(member.shape[0])]
+    return np.concatenate(src).astype(np.int32)                          # source-major, token order = slot order
 
 
 class FileBarrier:
@@ -115,7 +155,9 @@ def main():
     T, row = args.tokens, args.row_bytes
     if row % 16:
         sys.exit("--row-bytes must be a multiple of 16")
-    slots, received = plan(rank, ranks, T)
+    member = membership(ranks, T)
+    slots, received = plan(rank, member)
+    recv_src = gather_plan(rank, member)
     if args.plan_only:
         print(json.dumps(dict(rank=rank, ranks=ranks, rows_sent=int((slots >= 0).sum()),
                               rows_received=received.tolist())))
@@ -126,65 +168,90 @@ def main():
         "JAX_EP_COORDINATOR", "local").replace(":", "_").replace(".", "_")
     os.makedirs(root, exist_ok=True)
     barrier = FileBarrier(root, rank, ranks)
+    vecs = row // 16
+
+    def shared_rows(n, tag):
+        """n rows in their own cudaMalloc (an IPC handle names a whole allocation, so CuPy's pool is avoided),
+        and every rank's pointer to every rank's copy (its own included)."""
+        mem = cp.cuda.Memory(n * row)
+        arr = cp.ndarray((n, vecs, 4), dtype=cp.int32, memptr=cp.cuda.MemoryPointer(mem, 0))
+        path = os.path.join(root, f"{tag}{rank}")
+        with open(path + ".tmp", "wb") as fh:
+            fh.write(cp.cuda.runtime.ipcGetMemHandle(arr.data.ptr))
+        os.replace(path + ".tmp", path)
+        barrier.wait()
+        ptrs = []
+        for r in range(ranks):
+            if r == rank:
+                ptrs.append(arr.data.ptr)
+            else:
+                with open(os.path.join(root, f"{tag}{r}"), "rb") as fh:
+                    ptrs.append(cp.cuda.runtime.ipcOpenMemHandle(
+                        fh.read(), getattr(cp.cuda.runtime, "cudaIpcMemLazyEnablePeerAccess", 1)))
+        return mem, arr, ptrs
+
     capacity = int(received.max())
-    # Its own cudaMalloc (not CuPy's pool): an IPC handle names a whole allocation, so the pointer must be its base.
-    memory = cp.cuda.Memory(capacity * row)
-    staging = cp.ndarray((capacity, row // 16, 4), dtype=cp.int32, memptr=cp.cuda.MemoryPointer(memory, 0))
-    src = (cp.arange(T * row // 4, dtype=cp.int32) + rank).reshape(T, row // 16, 4)   # any bytes will do
-    handle = cp.cuda.runtime.ipcGetMemHandle(staging.data.ptr)
-    with open(os.path.join(root, f"h{rank}.tmp"), "wb") as fh:
-        fh.write(handle)
-    os.replace(os.path.join(root, f"h{rank}.tmp"), os.path.join(root, f"h{rank}"))
-    barrier.wait()
-    peers = []
-    for r in range(ranks):
-        if r == rank:
-            peers.append(staging.data.ptr)
-        else:
-            with open(os.path.join(root, f"h{r}"), "rb") as fh:
-                peers.append(cp.cuda.runtime.ipcOpenMemHandle(fh.read(), getattr(cp.cuda.runtime, "cudaIpcMemLazyEnablePeerAccess", 1)))
-    # "self": same slots, every destination this rank's own buffer, so the same rows land on the same offsets
-    # of one buffer (rows of different destinations overlap: only the timing matters here).
-    targets = {"peers": cp.asarray(np.array(peers, dtype=np.uint64)),
-               "self": cp.asarray(np.full(ranks, staging.data.ptr, dtype=np.uint64))}
-    d_slots = cp.asarray(slots)
-    kernel = cp.RawKernel(KERNEL, "scatter_rows")
+    staging_mem, staging, staging_ptrs = shared_rows(capacity, "staging")   # push: receivers' staging areas
+    stage_mem, stage, stage_ptrs = shared_rows(T, "stage")                   # pull: each sender's own token rows
+    src = (cp.arange(T * row // 4, dtype=cp.int32) + rank).reshape(T, vecs, 4)   # any bytes will do
+    stage[...] = src
+    out = cp.empty((len(recv_src), vecs, 4), dtype=cp.int32)
+    module = cp.RawModule(code=KERNEL)
+    scatter, gather = module.get_function("scatter_rows"), module.get_function("gather_rows")
     sms = cp.cuda.Device().attributes["MultiProcessorCount"]
-    grid = min(sms * args.blocks_per_sm, (T + args.threads // 32 - 1) // (args.threads // 32))
-    rows_sent = int((slots >= 0).sum())
-    results = []
-    for target in ("peers", "self"):
-        for fence, fence_name in ((2, "system"), (1, "gpu"), (0, "none")):
-            call = lambda: kernel((grid,), (args.threads,), (src, targets[target], d_slots, np.int32(T),  # noqa: E731
-                                                            np.int32(ranks), np.int32(row // 16),
-                                                            np.int64(row // 16), np.int32(fence)))
+    warps = args.threads // 32
+    d_slots, d_recv_src = cp.asarray(slots), cp.asarray(recv_src)
+    own = lambda ptr: cp.asarray(np.full(ranks, ptr, dtype=np.uint64))      # noqa: E731
+    rows_sent, rows_recv = int((slots >= 0).sum()), len(recv_src)
+
+    def timed(name, call, rows_moved, hbm_rows):
+        """Every rank runs `call` --reps times after a common barrier; rank 0 prints the slowest rank's time."""
+        call()
+        cp.cuda.Device().synchronize()
+        barrier.wait()
+        start, stop = cp.cuda.Event(), cp.cuda.Event()
+        start.record()
+        for _ in range(args.reps):
             call()
-            cp.cuda.Device().synchronize()
-            barrier.wait()                                               # every rank starts together
-            start, stop = cp.cuda.Event(), cp.cuda.Event()
-            start.record()
-            for _ in range(args.reps):
-                call()
-            stop.record()
-            stop.synchronize()
-            seconds = cp.cuda.get_elapsed_time(start, stop) / 1e3 / args.reps
-            with open(os.path.join(root, f"t_{target}_{fence}_{rank}"), "w") as fh:
-                fh.write(f"{seconds} {rows_sent}")
-            barrier.wait()
-            if rank == 0:
-                per_rank = [open(os.path.join(root, f"t_{target}_{fence}_{r}")).read().split() for r in range(ranks)]
-                slowest = max(float(s) for s, _ in per_rank)
-                rows = sum(int(n) for _, n in per_rank)
-                results.append(dict(target=target, fence=fence_name, ranks=ranks, tokens=T, row_bytes=row,
-                                    grid=grid, threads=args.threads, rows_written_all_ranks=rows,
-                                    slowest_rank_s=slowest,
-                                    staging_write_GBps=rows * row / slowest / 1e9,
-                                    hbm_GBps_read_plus_write=(rows + ranks * T) * row / slowest / 1e9))
-                print(json.dumps(results[-1]), flush=True)
+        stop.record()
+        stop.synchronize()
+        seconds = cp.cuda.get_elapsed_time(start, stop) / 1e3 / args.reps
+        with open(os.path.join(root, f"t_{name}_{rank}"), "w") as fh:
+            fh.write(f"{seconds} {rows_moved} {hbm_rows}")
+        barrier.wait()
+        if rank == 0:
+            per_rank = [open(os.path.join(root, f"t_{name}_{r}")).read().split() for r in range(ranks)]
+            slowest = max(float(x[0]) for x in per_rank)
+            moved = sum(int(x[1]) for x in per_rank)
+            hbm = sum(int(x[2]) for x in per_rank)
+            print(json.dumps(dict(experiment=name, ranks=ranks, tokens=T, row_bytes=row, threads=args.threads,
+                                  rows_moved_all_ranks=moved, slowest_rank_s=slowest,
+                                  rows_GBps=moved * row / slowest / 1e9,
+                                  hbm_GBps_read_plus_write=hbm * row / slowest / 1e9)), flush=True)
+
+    # Push (today's send): read each token once, store it into every destination's staging slot.
+    grid = min(sms * args.blocks_per_sm, -(-T // warps))
+    for target, bases in (("peers", cp.asarray(np.array(staging_ptrs, dtype=np.uint64))),
+                          ("self", own(staging.data.ptr))):   # same slots, all in this rank's own buffer
+        for fence, fence_name in ((2, "system"), (1, "gpu"), (0, "none")):
+            timed(f"push_{target}_fence_{fence_name}",
+                  lambda: scatter((grid,), (args.threads,), (src, bases, d_slots, np.int32(T), np.int32(ranks),
+                                                             np.int32(vecs), np.int64(vecs), np.int32(fence))),
+                  rows_sent, rows_sent + T)
+    # Pull (the alternative's receive): every slot's row read from its source's stage into this rank's output.
+    grid = min(sms * args.blocks_per_sm, -(-rows_recv // warps))
+    for target, bases in (("peers", cp.asarray(np.array(stage_ptrs, dtype=np.uint64))),
+                          ("self", own(stage.data.ptr))):      # same rows, all read from this rank's own stage
+        timed(f"pull_{target}",
+              lambda: gather((grid,), (args.threads,), (out, bases, d_recv_src, np.int32(rows_recv), np.int32(T),
+                                                        np.int32(vecs))),
+              rows_recv, 2 * rows_recv)
     barrier.wait()
-    for r, ptr in enumerate(peers):
-        if r != rank:
-            cp.cuda.runtime.ipcCloseMemHandle(ptr)
+    for ptrs in (staging_ptrs, stage_ptrs):
+        for r, ptr in enumerate(ptrs):
+            if r != rank:
+                cp.cuda.runtime.ipcCloseMemHandle(ptr)
+    del staging_mem, stage_mem
 
 
 if __name__ == "__main__":
