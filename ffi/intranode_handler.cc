@@ -237,7 +237,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpDispatch, jax_ep::DispatchImpl,
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Ctx<ffi::DeviceOrdinal>()
                                   .Arg<ffi::AnyBuffer>()            // x [T, H] (bf16 / f32 / fp8)
-                                  .Arg<ffi::AnyBuffer>()            // scales [T, S] f32 (S = 0: none)
+                                  .Arg<ffi::AnyBuffer>()            // scales [T, S] f32 (placeholder [T, 1] unless fp8)
                                   .Arg<ffi::Buffer<ffi::S32>>()     // topk_idx [T, K]
                                   .Arg<ffi::Buffer<ffi::F32>>()     // topk_weights [T, K]
                                   .Attr<int64_t>("uid")
