@@ -102,8 +102,9 @@ if has bench_normal; then
 fi
 if has bench_internode; then  # DeepEP's internode configuration on virtual nodes: 8 ranks as nodes of N ranks,
   # each token's experts on the top min(nodes, 4) nodes (DeepEP's test_internode), fp8 and bf16 dispatch
+  # Same SM share as bench_normal, so the two compare (the internode waits are one-block kernels too).
   for N in ${BENCH_RANKS_PER_NODE:-4 2}; do
-    timeout 220 python3 -m jax_ep.launch --nproc 8 --timeout 200 -- python3 benchmarks/bench_normal.py \
+    JAX_EP_MPS_SM_PERCENT="${BENCH_NORMAL_SM_PERCENT:-100}" timeout 220 python3 -m jax_ep.launch --nproc 8 --timeout 200 -- python3 benchmarks/bench_normal.py \
       --hbm-bytes-per-s "$B" --ranks-per-node "$N" --topk-groups 4 \
       --out "$OUT/bench_internode_R8_N$N.json" > "$OUT/bench_internode_R8_N$N.log" 2>&1
     echo "bench_internode R=8 N=$N exit $?"; grep -E "BENCH|Error|timed out" "$OUT/bench_internode_R8_N$N.log" | head -5
