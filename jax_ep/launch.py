@@ -62,13 +62,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class _Mps:
-    """The MPS control daemon, private to this launch (own pipe/log directories)."""
+def _child_devices(gpus: list[str], nproc: int, under_mps: bool) -> tuple[str | None, list[str]]:
+    """(the MPS daemon's CUDA_VISIBLE_DEVICES, each child's CUDA_VISIBLE_DEVICES).
 
-    def __init__(self):
+    The MPS server renumbers the devices its daemon sees from 0, and a client naming the physical index
+    (say "1" when the daemon was started with CUDA_VISIBLE_DEVICES=1) gets no device at all; so under MPS the
+    daemon is given the chosen GPUs and each child its position among them.
+    """
+    if under_mps:
+        return ",".join(gpus), [str(i % len(gpus)) for i in range(nproc)]
+    return None, [gpus[i % len(gpus)] for i in range(nproc)]
+
+
+class _Mps:
+    """The MPS control daemon, private to this launch (own pipe/log directories), over the given GPUs."""
+
+    def __init__(self, visible_devices: str):
         self.dir = tempfile.mkdtemp(prefix="jax_ep_mps_")
         self.env = dict(os.environ, CUDA_MPS_PIPE_DIRECTORY=os.path.join(self.dir, "pipe"),
-                        CUDA_MPS_LOG_DIRECTORY=os.path.join(self.dir, "log"))
+                        CUDA_MPS_LOG_DIRECTORY=os.path.join(self.dir, "log"), CUDA_VISIBLE_DEVICES=visible_devices)
         os.makedirs(self.env["CUDA_MPS_PIPE_DIRECTORY"])
         os.makedirs(self.env["CUDA_MPS_LOG_DIRECTORY"])
         if shutil.which("nvidia-cuda-mps-control") is None:
@@ -87,7 +99,8 @@ def launch(nproc: int, command: list[str], timeout: float | None = None, gpus: l
     if not gpus:
         raise RuntimeError("jax_ep.launch: no GPU visible")
     per_gpu = -(-nproc // len(gpus))
-    mps = _Mps() if per_gpu > 1 else None
+    daemon_devices, child_devices = _child_devices(gpus, nproc, under_mps=per_gpu > 1)
+    mps = _Mps(daemon_devices) if daemon_devices is not None else None
     base = dict(mps.env if mps else os.environ, **SAFE_ENV)
     base.update(JAX_EP_COORDINATOR=f"127.0.0.1:{_free_port()}", JAX_EP_NUM_PROCESSES=str(nproc))
     if per_gpu > 1:
@@ -95,7 +108,7 @@ def launch(nproc: int, command: list[str], timeout: float | None = None, gpus: l
     procs = []
     try:
         for i in range(nproc):
-            env = dict(base, JAX_EP_PROCESS_ID=str(i), CUDA_VISIBLE_DEVICES=gpus[i % len(gpus)])
+            env = dict(base, JAX_EP_PROCESS_ID=str(i), CUDA_VISIBLE_DEVICES=child_devices[i])
             procs.append(subprocess.Popen(command, env=env, start_new_session=True))
         deadline = None if timeout is None else time.monotonic() + timeout
         code = 0

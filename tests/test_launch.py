@@ -31,3 +31,10 @@ def test_transport_choice(monkeypatch):
     monkeypatch.setenv("JAX_EP_TRANSPORT", "rdma")
     with pytest.raises(ValueError, match="JAX_EP_TRANSPORT"):
         runtime.transport()
+
+
+def test_children_name_gpus_as_the_mps_server_numbers_them():
+    """Under MPS the server renumbers its daemon's devices from 0: a child naming physical GPU 1 would see none."""
+    assert launch._child_devices(["1"], 4, under_mps=True) == ("1", ["0", "0", "0", "0"])
+    assert launch._child_devices(["2", "0"], 4, under_mps=True) == ("2,0", ["0", "1", "0", "1"])
+    assert launch._child_devices(["2", "0"], 2, under_mps=False) == (None, ["2", "0"])
