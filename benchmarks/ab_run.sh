@@ -3,7 +3,8 @@
 # checkout, apply the variant's patch (its Python changes included), drop in its extension and run
 # benchmarks/device_run.sh there. Results: $OUT/NAME/{summary.txt,all.tgz}.
 # Usage (repo root on the device, .dev carried): PARTS="ll bench_ll" bash benchmarks/ab_run.sh [ranks...]
-# VARIANTS picks and orders the variants. A variant's env file (one NAME=value per line) may set its own PARTS, overriding the outer one.
+# VARIANTS picks and orders the variants. A variant dir may hold so_from (another variant's name: use its build,
+# with this variant's env) instead of its own extension. A variant's env file (one NAME=value per line) may set its own PARTS, overriding the outer one.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 ROOT=$(pwd)
@@ -16,7 +17,8 @@ for name in ${VARIANTS:-$(ls "$ROOT"/.dev/variants)}; do   # VARIANTS="a b": onl
   if [ -n "$patch" ]; then
     (cd "$work" && (git apply "$patch" 2>/dev/null || patch -s -p1 < "$patch")) || { echo "$name: patch failed"; continue; }
   fi
-  cp "$dir"/_C*.so "$work/jax_ep/"
+  so_dir=$dir; [ -f "$dir/so_from" ] && so_dir="$ROOT/.dev/variants/$(cat "$dir/so_from")/"   # a variant may reuse another's build
+  cp "$so_dir"/_C*.so "$work/jax_ep/"
   mkdir -p "$work/.dev" && echo "$(cat "$dir/commit" 2>/dev/null) + ${patch:-no patch} (variant $name)" > "$work/.dev/commit"
   env_lines=$(grep -v '^$' "$dir/env" 2>/dev/null | tr '\n' ' ' || true)
   echo "=== variant $name (commit $(cat "$dir/commit" 2>/dev/null), patch: ${patch:-none}, env: ${env_lines:-none}) ==="

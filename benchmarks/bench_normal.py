@@ -12,12 +12,13 @@ ranks; combine counts the same rows in bf16. Rank 0 prints a JSON line and write
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from tests.gpu.harness import (bench_arguments, emit_result, gather, global_array, log, physical_gpus,  # noqa: E402
-                               setup, timed, timed_pipelined)
+from tests.gpu.harness import (bench_arguments, emit_result, gather, global_array, kernel_profile, log,  # noqa: E402
+                               physical_gpus, setup, timed, timed_pipelined)
 
 p = bench_arguments(tokens=4096, loop=10)
 p.add_argument("--peer-bytes-per-s", type=float, default=0.0,
@@ -26,6 +27,8 @@ p.add_argument("--num-sms", default="0", help="comma-separated SM budgets to swe
 p.add_argument("--ranks-per-node", type=int, default=0,
                help="internode mode with R / N (virtual) nodes; routing limited to --topk-groups nodes per token")
 p.add_argument("--topk-groups", type=int, default=4, help="nodes a token may use in internode mode (DeepSeek-V3)")
+p.add_argument("--profile", action="store_true",
+               help="also trace one timed loop per op and report GPU time per kernel, every rank (JAX profiler)")
 args = p.parse_args()
 
 rank, R, mesh, _ = setup()
@@ -74,6 +77,16 @@ def bench(num_sms, with_fp8):
     def gather_max(name, value):
         return gather(name, value, rank, R)
 
+    def profile(name, f, *a):
+        """Every rank's kernel times for one loop call, through the key-value store (rank 0 reports them)."""
+        if not args.profile:
+            return None
+        from jax._src.distributed import global_state
+        client = global_state.client
+        client.key_value_set(f"bench/{tag}{name}/profile/{rank}", json.dumps(kernel_profile(f, *a, ops=args.loop)))
+        return [json.loads(client.blocking_key_value_get(f"bench/{tag}{name}/profile/{r}", 600_000))
+                for r in range(R)]
+
     for fp8 in ((False, True) if with_fp8 else (False,)):
         name = "dispatch_fp8" if fp8 else "dispatch_bf16"
         pre = smap(lambda x: jax.tree.map(lambda a: a, payload(x, fp8)), 1)(gx)  # cast outside the timed op
@@ -95,6 +108,8 @@ def bench(num_sms, with_fp8):
                              jit_s=gather_max(f"{tag}{name}_jit", t_jit),
                              jit_pipelined_s=gather_max(f"{tag}{name}_pipe", t_pipe), row_bytes=row_bytes)
         results[name]["recv_tokens_all_ranks"] = int(gather(f"{tag}{name}/rows", int(n_recv), rank, R, reduce=sum))
+        if args.profile:
+            results[name]["kernels_per_rank"] = profile(name, smap(loop, 3), pre, gi, gw)
 
     # Combine of bf16 rows along the bf16 dispatch's handle (the dispatch's own time is subtracted).
     def comb_one(x, i, w):
@@ -121,6 +136,8 @@ def bench(num_sms, with_fp8):
     results["combine_bf16"] = dict(op_s=gather_max(f"{tag}combine_op", t_comb_op), jit_s=gather_max(f"{tag}combine_jit", t_comb_jit),
                                    jit_pipelined_s=gather_max(f"{tag}combine_pipe", t_comb_pipe),
                                    row_bytes=2 * H, recv_tokens_all_ranks=results["dispatch_bf16"]["recv_tokens_all_ranks"])
+    if args.profile:  # the loop's one dispatch shows up as its own kernels
+        results["combine_bf16"]["kernels_per_rank"] = profile("combine", smap(comb_loop, 3), gx, gi, gw)
 
     return results
 

@@ -11,7 +11,7 @@
 # every GPU, with the XLA baselines), sweep_mp (the same through jax_ep.launch, SWEEP_RANKS ranks).
 # normal_mp / ll_mp: only the multi-rank checks of normal / ll. internode (INTERNODE="R:N ...": the normal
 # check on virtual nodes), bench_internode (bench_normal on 8 ranks as nodes of each of BENCH_RANKS_PER_NODE, default "4 2").
-# BENCH_NORMAL_RANKS (default 8) and BENCH_LL (default "2:256 8:256 8:288", ranks:experts) pick the benchmarks.
+# BENCH_NORMAL_RANKS (default 8), BENCH_NORMAL_ARGS (extra bench_normal.py options, e.g. --profile) and BENCH_LL (default "2:256 8:256 8:288", ranks:experts) pick the benchmarks.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_EP_TIMEOUT_S=${JAX_EP_TIMEOUT_S:-20}
@@ -58,7 +58,7 @@ if has pytest; then
   # ~9 minutes on one H200 (507 s for 63 tests on 2026-11-29, plus the R=8 normal check since): give it a
   # device call of its own, or split it with PYTEST_FILES.
   XLA_FLAGS="$([ "${PYTEST_CMDBUF:-1}" = 1 ] && echo "$CMDBUF")" timeout "${PYTEST_TIMEOUT:-575}" \
-    python3 -m pytest -m gpu -v ${PYTEST_FILES:-tests} -p no:cacheprovider -rs > "$OUT/pytest.log" 2>&1
+    python3 -m pytest -m gpu -v ${PYTEST_FILES:-tests} -p no:cacheprovider -rs --durations=25 > "$OUT/pytest.log" 2>&1
   echo "pytest -m gpu exit $?"; grep -E "PASSED|FAILED|ERROR|SKIPPED" "$OUT/pytest.log" | grep -v "^tests.*PASSED" | tail -20
   tail -3 "$OUT/pytest.log"
 fi
@@ -96,6 +96,7 @@ if has bench_normal; then
     JAX_EP_MPS_SM_PERCENT="${BENCH_NORMAL_SM_PERCENT:-100}" \
     timeout 220 python3 -m jax_ep.launch --nproc "$R" --timeout 200 -- python3 benchmarks/bench_normal.py \
       --hbm-bytes-per-s "$B" --peer-bytes-per-s "$PEER" --out "$OUT/bench_normal_R$R.json" --num-sms "${NUM_SMS:-0}" \
+      ${BENCH_NORMAL_ARGS:-} \
       > "$OUT/bench_normal_R$R.log" 2>&1
     echo "bench_normal R=$R exit $?"; grep -E "BENCH|Error|timed out" "$OUT/bench_normal_R$R.log" | head -5
   done

@@ -239,6 +239,23 @@ def test_launch_harness_dry_run(tmp_path, monkeypatch):
     assert all(p["agrees_with_jax_ep"] for p in ok if p["impl"] != "jax_ep")
 
 
+def test_bench_normal_profile_dry_run(tmp_path, monkeypatch):
+    """bench_normal.py --profile in the launcher harness (CPU rehearsal): every rank's kernel table reaches
+    rank 0's JSON (empty on CPU, where the trace has no GPU plane), next to the usual figures."""
+    from jax_ep.launch import launch
+    out = tmp_path / "normal.json"
+    monkeypatch.setenv("JAX_EP_DRYRUN", "1")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    cmd = [sys.executable, os.path.join(BENCH_DIR, "bench_normal.py"), "--tokens", "8", "--hidden", "256",
+           "--experts", "8", "--topk", "2", "--loop", "2", "--repeats", "1", "--profile", "--out", str(out)]
+    assert launch(2, cmd, timeout=180, gpus=["0", "1"]) == 0
+    res = json.load(open(out))["results"]
+    for op in ("dispatch_bf16", "dispatch_fp8", "combine_bf16"):
+        per_rank = res[op]["kernels_per_rank"]
+        assert len(per_rank) == 2 and all("_span_us_per_op" in k for k in per_rank)
+
+
 def test_internode_model_counts():
     """The internode byte model: a token crosses the network at most once per remote node, and never more
     often than the group limit allows."""

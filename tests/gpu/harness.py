@@ -164,6 +164,43 @@ def timed_pipelined(f, *args, calls=20):
     return (time.perf_counter() - t0) / calls
 
 
+def kernel_profile(f, *args, ops=1, trace_dir=None):
+    """GPU kernel time per kernel name for one call of ``f(*args)`` (which runs ``ops`` ops), from a JAX
+    profiler trace of this process: {name: {"us_per_op": ..., "calls_per_op": ...}} plus "_span_us_per_op"
+    (first kernel start to last kernel end). Kernels of other processes sharing the GPU are not in it; a
+    rank's wait kernels show how long it waited for its peers."""
+    import glob
+    import tempfile
+
+    import jax
+    from jax.profiler import ProfileData
+    jax.block_until_ready(f(*args))
+    trace_dir = trace_dir or tempfile.mkdtemp(prefix="jax_ep_prof_")
+    jax.profiler.start_trace(trace_dir)
+    try:
+        jax.block_until_ready(f(*args))
+    finally:
+        jax.profiler.stop_trace()
+    (path,) = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))[-1:]
+    totals, first, last = {}, None, None
+    for plane in ProfileData.from_file(path).planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            if not line.name.startswith("Stream"):  # "XLA Ops" / "XLA Modules" lines repeat the same time
+                continue
+            for e in line.events:
+                t = totals.setdefault(e.name, [0.0, 0])
+                t[0] += e.duration_ns
+                t[1] += 1
+                first = e.start_ns if first is None else min(first, e.start_ns)
+                last = e.start_ns + e.duration_ns if last is None else max(last, e.start_ns + e.duration_ns)
+    out = {name: dict(us_per_op=round(ns / ops / 1e3, 1), calls_per_op=round(n / ops, 2))
+           for name, (ns, n) in sorted(totals.items(), key=lambda kv: -kv[1][0])}
+    out["_span_us_per_op"] = round((last - first) / ops / 1e3, 1) if first is not None else None
+    return out
+
+
 def gather(name, value, rank, num_ranks, reduce=max):
     """``reduce`` over every rank's ``value`` (a float), through the distributed key-value store."""
     from jax._src.distributed import global_state
