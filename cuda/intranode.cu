@@ -1,7 +1,8 @@
 // Intranode normal-mode kernels (see intranode.cuh for the protocol).
 //
-// Bytes moved per received row: the sender reads its token once for all destinations and writes it
-// into each receiver's staging slot; the receiver reads the slot and writes XLA's output row.
+// Bytes moved per received row (dispatch): the sender reads its token once and writes it once into its own
+// stage for all destinations; each receiver reads it from there and writes XLA's output row. Combine: each
+// rank copies its answers into its own stage; each source reads them from there and writes one sum per token.
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -20,7 +21,6 @@ using rows::add_bf16x8;
 using rows::block_exclusive_scan;
 using rows::copy_or_zero;
 using rows::kUnroll;
-using rows::send_row;
 
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
@@ -190,16 +190,18 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(PeerView v, Row
     const uint64_t dest_mask = static_cast<uint64_t>(__ballot_sync(kFullMask, slot_lo >= 0)) |
                                (static_cast<uint64_t>(__ballot_sync(kFullMask, slot_hi >= 0)) << 32);
     if (dest_mask == 0) continue;
+    // The row goes once into this rank's own stage (local stores); its receivers pull it from there.
     const uint8_t* x = static_cast<const uint8_t*>(in.x) + static_cast<size_t>(t) * in.row_bytes;
+    uint8_t* stage = v.local + v.layout.stage_x + static_cast<size_t>(t) * v.layout.max_row_bytes;
     if (vec16) {
-      send_row<int4>(x, in.row_bytes, v, v.layout.recv_x, v.layout.max_row_bytes, slot_lo, slot_hi, dest_mask);
+      copy_or_zero<int4>(x, stage, in.row_bytes, true);
     } else {
-      send_row<int>(x, in.row_bytes, v, v.layout.recv_x, v.layout.max_row_bytes, slot_lo, slot_hi, dest_mask);
+      copy_or_zero<int>(x, stage, in.row_bytes, true);
     }
     if (in.scales != nullptr) {
-      const uint8_t* s = static_cast<const uint8_t*>(in.scales) + static_cast<size_t>(t) * in.scale_bytes;
-      send_row<int>(s, in.scale_bytes, v, v.layout.recv_scales, v.layout.max_scale_bytes, slot_lo, slot_hi,
-                    dest_mask);
+      copy_or_zero<int>(static_cast<const uint8_t*>(in.scales) + static_cast<size_t>(t) * in.scale_bytes,
+                        v.local + v.layout.stage_scales + static_cast<size_t>(t) * v.layout.max_scale_bytes,
+                        in.scale_bytes, true);
     }
     if (topk_idx != nullptr) {
       int id = -1;
@@ -226,8 +228,11 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(PeerView v, Row
   signal_done_when_last_block(v, epoch);
 }
 
-// One kernel for dispatch (with metadata) and cached dispatch (rows only).
-__global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(PeerView v, DispatchArgs a, const int32_t* stats) {
+// One kernel for dispatch (with metadata) and cached dispatch (rows only). pull: slot c's row is read from its
+// source's stage (source from handle_src, else from the metadata the source pushed); otherwise from this
+// rank's staging area (internode mode, where rows are pushed).
+__global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(PeerView v, DispatchArgs a, const int32_t* stats,
+                                                                  bool pull, const int32_t* handle_src) {
   extern __shared__ int tokens_per_expert[];
   const int R = v.layout.num_ranks, K = v.layout.num_topk, C = v.layout.capacity, lane = threadIdx.x & 31;
   const bool meta = a.out_idx != nullptr;
@@ -239,19 +244,29 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(PeerView v, Dis
   const int lo = v.rank * E_loc;
   const bool vec16 = (a.in.row_bytes % 16) == 0;
   const int warp = blockIdx.x * kWarps + (threadIdx.x >> 5), num_warps = gridDim.x * kWarps;
+  const int T_max = v.layout.max_tokens;
   for (int c = warp; c < C; c += num_warps) {
     const bool valid = c < num_recv;
     const uint8_t* src = v.local + v.layout.recv_x + static_cast<size_t>(c) * v.layout.max_row_bytes;
+    const uint8_t* src_scales = v.local + v.layout.recv_scales + static_cast<size_t>(c) * v.layout.max_scale_bytes;
+    bool row_valid = valid;
+    if (pull) {
+      int from = -1;
+      if (valid) from = handle_src != nullptr ? handle_src[c] : ld_peer_written(field<int>(v.local, v.layout.recv_src) + c);
+      row_valid = valid && from >= 0 && from < R * T_max;  // handle values are never trusted as addresses
+      const int s = row_valid ? from / T_max : 0, t = row_valid ? from % T_max : 0;
+      src = v.peers[s] + v.layout.stage_x + static_cast<size_t>(t) * v.layout.max_row_bytes;
+      src_scales = v.peers[s] + v.layout.stage_scales + static_cast<size_t>(t) * v.layout.max_scale_bytes;
+    }
     uint8_t* dst = static_cast<uint8_t*>(a.out_x) + static_cast<size_t>(c) * a.in.row_bytes;
     if (vec16) {
-      copy_or_zero<int4>(src, dst, a.in.row_bytes, valid);
+      copy_or_zero<int4>(src, dst, a.in.row_bytes, row_valid);
     } else {
-      copy_or_zero<int>(src, dst, a.in.row_bytes, valid);
+      copy_or_zero<int>(src, dst, a.in.row_bytes, row_valid);
     }
     if (a.out_scales != nullptr) {
-      copy_or_zero<int>(v.local + v.layout.recv_scales + static_cast<size_t>(c) * v.layout.max_scale_bytes,
-                        static_cast<uint8_t*>(a.out_scales) + static_cast<size_t>(c) * a.in.scale_bytes,
-                        a.in.scale_bytes, valid);
+      copy_or_zero<int>(src_scales, static_cast<uint8_t*>(a.out_scales) + static_cast<size_t>(c) * a.in.scale_bytes,
+                        a.in.scale_bytes, row_valid);
     }
     if (meta) {
       if (lane < K) {
@@ -294,15 +309,12 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(PeerView v, Dis
 __global__ void __launch_bounds__(kThreads) combine_send_kernel(PeerView v, CombineArgs a, int row_bytes) {
   const uint64_t epoch = read_epoch(v);
   const int num_recv = min(max(a.stats[0], 0), v.layout.capacity);
-  const int T_max = v.layout.max_tokens;
   const int warp = blockIdx.x * kWarps + (threadIdx.x >> 5), num_warps = gridDim.x * kWarps;
   const bool vec16 = (row_bytes % 16) == 0;
   for (int c = warp; c < num_recv; c += num_warps) {
-    const int src = a.recv_src[c];
-    if (src < 0 || src >= v.layout.num_ranks * T_max) continue;  // handle values are never trusted as addresses
-    const int s = src / T_max, t = src % T_max;
+    // Slot c's answer goes into this rank's own combine stage (local stores); its source pulls it from there.
     const uint8_t* in = static_cast<const uint8_t*>(a.y) + static_cast<size_t>(c) * row_bytes;
-    uint8_t* out = v.peers[s] + v.layout.comb + (static_cast<size_t>(v.rank) * T_max + t) * v.layout.max_row_bytes;
+    uint8_t* out = v.local + v.layout.stage_comb + static_cast<size_t>(c) * v.layout.max_row_bytes;
     if (vec16) {
       copy_or_zero<int4>(in, out, row_bytes, true);
     } else {
@@ -312,17 +324,27 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(PeerView v, Comb
   signal_done_when_last_block(v, epoch);
 }
 
+// Token t's answers are pulled from the combine stage of every rank it was sent to, at the slot dispatch gave
+// it there (the handle's send_slot).
 __global__ void __launch_bounds__(kThreads) combine_recv_kernel(PeerView v, CombineArgs a) {
-  const int R = v.layout.num_ranks, lane = threadIdx.x & 31, T_max = v.layout.max_tokens;
+  __shared__ const uint8_t* answer[kWarps][kMaxPeers];  // this warp's token: its row at rank r
+  const int R = v.layout.num_ranks, lane = threadIdx.x & 31, C = v.layout.capacity;
   // Every peer's rows are in: wait_done_kernel ran before this kernel.
   const int elem_bytes = a.y_is_bf16 ? 2 : 4;
   const int row_bytes = a.row_elems * elem_bytes;
   const bool vec16 = (row_bytes % 16) == 0;
   const int warp = blockIdx.x * kWarps + (threadIdx.x >> 5), num_warps = gridDim.x * kWarps;
-  const uint8_t* comb = v.local + v.layout.comb;
+  const uint8_t* const* rows = answer[threadIdx.x >> 5];
   for (int t = warp; t < a.num_tokens; t += num_warps) {
-    const bool lo = lane < R && a.send_slot[t * R + lane] >= 0;
-    const bool hi = lane + 32 < R && a.send_slot[t * R + lane + 32] >= 0;
+    // Slots come from a handle (a user-visible pytree): anything outside [0, C) is not an address.
+    const int slot_lo = lane < R ? a.send_slot[t * R + lane] : -1;
+    const int slot_hi = lane + 32 < R ? a.send_slot[t * R + lane + 32] : -1;
+    const bool lo = slot_lo >= 0 && slot_lo < C, hi = slot_hi >= 0 && slot_hi < C;
+    __syncwarp();  // the previous token's row pointers are no longer read
+    const size_t stride = v.layout.max_row_bytes;
+    if (lo) answer[threadIdx.x >> 5][lane] = v.peers[lane] + v.layout.stage_comb + slot_lo * stride;
+    if (hi) answer[threadIdx.x >> 5][lane + 32] = v.peers[lane + 32] + v.layout.stage_comb + slot_hi * stride;
+    __syncwarp();  // the row pointers are visible to every lane
     const uint64_t mask = static_cast<uint64_t>(__ballot_sync(kFullMask, lo)) |
                           (static_cast<uint64_t>(__ballot_sync(kFullMask, hi)) << 32);
     float* out = static_cast<float*>(a.out) + static_cast<size_t>(t) * a.row_elems;
@@ -338,8 +360,7 @@ __global__ void __launch_bounds__(kThreads) combine_recv_kernel(PeerView v, Comb
           for (int u = 0; u < 4; ++u) {
             const int r = r0 + u;
             raw[u] = (r < R && ((mask >> r) & 1))
-                         ? ld_peer_written(reinterpret_cast<const int4*>(
-                                               comb + (static_cast<size_t>(r) * T_max + t) * v.layout.max_row_bytes) + j)
+                         ? ld_peer_written(reinterpret_cast<const int4*>(rows[r]) + j)
                          : int4{0, 0, 0, 0};
           }
 #pragma unroll
@@ -377,7 +398,7 @@ __global__ void __launch_bounds__(kThreads) combine_recv_kernel(PeerView v, Comb
         while (m) {
           const int r = __ffsll(static_cast<long long>(m)) - 1;
           m &= m - 1;
-          const uint8_t* row = comb + (static_cast<size_t>(r) * T_max + t) * v.layout.max_row_bytes;
+          const uint8_t* row = rows[r];
           acc += a.y_is_bf16 ? __bfloat162float(ld_peer_written(reinterpret_cast<const __nv_bfloat16*>(row) + i))
                              : ld_peer_written(reinterpret_cast<const float*>(row) + i);
         }
@@ -439,19 +460,24 @@ IntranodeLayout make_intranode_layout(int num_ranks, int capacity, int max_token
     return at;
   };
   const size_t R = num_ranks, C = capacity, T = max_tokens, K = num_topk;
+  l.num_nodes = num_nodes < 1 ? 1 : num_nodes;
+  l.node_size = num_ranks / l.num_nodes;
+  // Intranode dispatch pulls from the senders' stages (T_max rows each); internode pushes into C staging rows.
+  const size_t staged_rows = l.num_nodes > 1 ? C : 0, stage_rows = l.num_nodes > 1 ? 0 : T;
   l.epoch = take(8);
   l.block_counter = take(8);
   l.enter_flags = take(8 * R);
   l.done_flags = take(8 * R);
   l.counts = take(4 * 2 * R * R);
-  l.recv_x = take(C * l.max_row_bytes);
-  l.recv_scales = take(C * l.max_scale_bytes);
+  l.recv_x = take(staged_rows * l.max_row_bytes);
+  l.recv_scales = take(staged_rows * l.max_scale_bytes);
   l.recv_idx = take(4 * C * K);
   l.recv_w = take(4 * C * K);
   l.recv_src = take(4 * C);
-  l.comb = take(R * T * l.max_row_bytes);
-  l.num_nodes = num_nodes < 1 ? 1 : num_nodes;
-  l.node_size = num_ranks / l.num_nodes;
+  l.comb = take(staged_rows > 0 ? R * T * l.max_row_bytes : 0);  // internode: answers pushed back to sources
+  l.stage_x = take(stage_rows * l.max_row_bytes);
+  l.stage_scales = take(stage_rows * l.max_scale_bytes);
+  l.stage_comb = take(staged_rows > 0 ? 0 : C * l.max_row_bytes);  // intranode: answers kept for the sources
   if (l.num_nodes > 1) {
     const size_t M = l.num_nodes, N = l.node_size;
     l.net_meta_bytes = (16 + 4 * static_cast<int>(N) + 8 * num_topk + 15) / 16 * 16;
@@ -480,7 +506,7 @@ cudaError_t launch_dispatch(const PeerView& view, const DispatchArgs& args, int 
   wait_done_kernel<<<1, kMaxPeers, 0, stream>>>(view, 0, view.layout.num_ranks, kPhaseDispatchRecv);
   JAX_EP_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   dispatch_recv_kernel<<<grid_for(num_blocks, view.layout.capacity), kThreads, E_loc * sizeof(int), stream>>>(
-      view, args, args.out_stats);
+      view, args, args.out_stats, /*pull=*/true, nullptr);
   return cudaGetLastError();
 }
 
@@ -493,7 +519,8 @@ cudaError_t launch_dispatch_receive(const PeerView& view, const DispatchArgs& ar
                                     int num_blocks, cudaStream_t stream) {
   const bool meta = args.out_idx != nullptr;
   const size_t smem = meta ? (args.num_experts / view.layout.num_ranks) * sizeof(int) : 0;
-  dispatch_recv_kernel<<<grid_for(num_blocks, view.layout.capacity), kThreads, smem, stream>>>(view, args, stats);
+  dispatch_recv_kernel<<<grid_for(num_blocks, view.layout.capacity), kThreads, smem, stream>>>(
+      view, args, stats, /*pull=*/false, nullptr);
   return cudaGetLastError();
 }
 
@@ -510,7 +537,8 @@ cudaError_t launch_cached_dispatch(const PeerView& view, const CachedDispatchArg
   recv.out_x = args.out_x;
   wait_done_kernel<<<1, kMaxPeers, 0, stream>>>(view, 0, view.layout.num_ranks, kPhaseDispatchRecv);
   JAX_EP_CUDA_RETURN_IF_ERROR(cudaGetLastError());
-  dispatch_recv_kernel<<<grid_for(num_blocks, view.layout.capacity), kThreads, 0, stream>>>(view, recv, args.stats);
+  dispatch_recv_kernel<<<grid_for(num_blocks, view.layout.capacity), kThreads, 0, stream>>>(
+      view, recv, args.stats, /*pull=*/true, args.recv_src);
   return cudaGetLastError();
 }
 

@@ -3,10 +3,13 @@
 //
 // Every rank owns one block of communication memory with the layout below; peers write into it
 // through peer pointers (CUDA IPC or in-process peer access). An op is: an "enter" barrier (which for
-// dispatch also carries each rank's per-destination counts), the sends (every sender writes each
-// token straight into its final slot in the receiver's staging area), a "done" signal per peer, and
-// the receive (a copy from the staging area into XLA's output buffers). Flags carry a per-rank op
-// counter (epoch), so nothing is ever reset and consecutive ops cannot be confused.
+// dispatch also carries each rank's per-destination counts), the sends, a "done" signal per peer, and the
+// receive into XLA's output buffers. Dispatch pulls: every sender copies each of its tokens once into its
+// own stage (and pushes the small per-row metadata into each receiver's slot), every receiver reads its
+// rows straight from the senders' stages into its output; combine the same way back (each rank keeps its
+// answers, each source reads its token's rows at the slots dispatch gave it). Internode mode pushes instead
+// (cuda/internode.cuh). Flags carry a
+// per-rank op counter (epoch), so nothing is ever reset and consecutive ops cannot be confused.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -22,7 +25,7 @@ inline constexpr int kMaxPeers = 64;  // ranks of one load/store group (a 64-bit
 
 struct IntranodeLayout {
   int num_ranks = 0;
-  int capacity = 0;         // C: staging rows per rank
+  int capacity = 0;         // C: receive slots per rank
   int max_tokens = 0;       // T_max per rank
   int num_topk = 0;         // K
   int max_row_bytes = 0;    // widest payload row (f32 x H)
@@ -33,12 +36,15 @@ struct IntranodeLayout {
   size_t enter_flags = 0;    // u64[R]: epoch at which rank s entered its op (written by s)
   size_t done_flags = 0;     // u64[R]: epoch at which rank s finished writing here (written by s)
   size_t counts = 0;         // i32[2][R][R]: rank s's tokens per destination, by op parity
-  size_t recv_x = 0;         // u8[C][max_row_bytes]
-  size_t recv_scales = 0;    // u8[C][max_scale_bytes]
+  size_t recv_x = 0;         // u8[C][max_row_bytes] (internode mode only: rows pushed by senders / forwarders)
+  size_t recv_scales = 0;    // u8[C][max_scale_bytes] (internode mode only)
   size_t recv_idx = 0;       // i32[C][K]: global expert ids (-1 = none)
   size_t recv_w = 0;         // f32[C][K]
   size_t recv_src = 0;       // i32[C]: source rank * T_max + source token
-  size_t comb = 0;           // u8[R][T_max][max_row_bytes]: combine rows from rank r for my token t
+  size_t comb = 0;           // u8[R][T_max][max_row_bytes]: combine rows from rank r for my token t (internode)
+  size_t stage_x = 0;        // u8[T_max][max_row_bytes]: my tokens, read by their receivers (intranode only)
+  size_t stage_scales = 0;   // u8[T_max][max_scale_bytes] (intranode only)
+  size_t stage_comb = 0;     // u8[C][max_row_bytes]: combine answers, read by their sources (intranode only)
   // Internode mode (num_nodes > 1, cuda/internode.cuh): a node is node_size consecutive ranks; ranks of
   // other nodes are reached by NVSHMEM puts only. Unused (zero) in intranode mode.
   int num_nodes = 1;
@@ -148,7 +154,7 @@ struct CombineArgs {
   int row_elems = 0;                      // D
   int num_tokens = 0;
   const int32_t* send_slot = nullptr;     // [T, R]
-  const int32_t* recv_src = nullptr;      // [C]
+  const int32_t* recv_src = nullptr;      // [C] (the internode combine's; intranode sources read by send_slot)
   const int32_t* stats = nullptr;         // [4]
   void* out = nullptr;                    // [T, D]
   bool out_is_bf16 = false;

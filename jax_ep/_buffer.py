@@ -137,9 +137,11 @@ class Buffer:
     @property
     def size_hint(self) -> int:
         """Bytes of communication memory one rank's CUDA runtime allocates for this config (mirrors
-        cuda/intranode.cu and cuda/low_latency.cu): flags, count matrix, a C-row staging area and an R x T_max
-        combine area (rows sized for f32 payloads); over several nodes, network send / receive rows, the
-        forwarder's per-node reduce rows and partial sums (cuda/internode.cuh); with ``low_latency``, a double-buffered expert-major
+        cuda/intranode.cu and cuda/low_latency.cu): flags, count matrix, a T_max-row stage of this rank's tokens
+        (receivers pull from it), per-slot metadata and a C-row combine stage (rows sized for f32 payloads);
+        over several nodes, C staging rows and an R x T_max combine area instead of the stages, network send / receive rows, the
+        forwarder's per-node reduce rows and partial sums (cuda/internode.cuh); with ``low_latency``, a
+        double-buffered expert-major
         staging area ``2 x E x T_max`` rows of ``16 + 2H`` bytes and a ``2 x T_max x K`` bf16 combine area.
         The reference backend allocates nothing."""
         def area(nbytes):
@@ -147,7 +149,13 @@ class Buffer:
         R, C, T, K, H = self.num_ranks, self.recv_capacity, self.max_tokens_per_rank, self.num_topk, self.hidden
         row = (4 * max(H, K) + 15) // 16 * 16
         scales = (4 * math.ceil(H / 128) + 15) // 16 * 16
-        sizes = [8, 8, 8 * R, 8 * R, 4 * 2 * R * R, C * row, C * scales, 4 * C * K, 4 * C * K, 4 * C, R * T * row]
+        # Intranode dispatch pulls rows from each sender's T_max-row stage; internode pushes into C staging rows.
+        # Combine likewise: intranode, each rank keeps its C answers for the sources to read; internode pushes
+        # them into an R x T_max area at each source.
+        staged, stage = (C, 0) if self.num_nodes > 1 else (0, T)
+        comb, stage_comb = (R * T, 0) if self.num_nodes > 1 else (0, C)
+        sizes = [8, 8, 8 * R, 8 * R, 4 * 2 * R * R, staged * row, staged * scales, 4 * C * K, 4 * C * K, 4 * C,
+                 comb * row, stage * row, stage * scales, stage_comb * row]
         if self.num_nodes > 1:  # internode: network rows in and out, the forwarder's reduce rows, partial sums
             M, N = self.num_nodes, R // self.num_nodes
             net = (16 + 4 * N + 8 * K + 15) // 16 * 16 + row + scales
