@@ -73,9 +73,10 @@ def test_eager_shard_map_matches_jit(layout):
         np.testing.assert_array_equal(g, want)
 
 
-@pytest.mark.parametrize("ranks", [2, 4, 8])
-def test_multi_process_matches_reference(ranks):
-    run_multi_rank("mp_normal_check.py", ranks)
+@pytest.mark.parametrize("ranks,transport", [(2, "auto"), (4, "auto"), (8, "auto"), (2, "ipc")])
+def test_multi_process_matches_reference(ranks, transport):
+    """auto takes NVSHMEM in this harness (one GPU per process); ipc keeps the CUDA IPC mappings covered."""
+    run_multi_rank("mp_normal_check.py", ranks, env={"JAX_EP_TRANSPORT": transport})
 
 
 @pytest.mark.parametrize("ranks,ranks_per_node", [(2, 1), (4, 2), (8, 4), (8, 2)])

@@ -22,12 +22,14 @@ def test_mps_share_override(monkeypatch):
 
 
 def test_transport_choice(monkeypatch):
-    """JAX_EP_TRANSPORT picks the communication memory: CUDA IPC by default, NVSHMEM on request, nothing else."""
+    """JAX_EP_TRANSPORT picks the communication memory: auto by default, IPC or NVSHMEM on request, nothing else."""
     from jax_ep.cuda_backend import runtime
     monkeypatch.delenv("JAX_EP_TRANSPORT", raising=False)
-    assert runtime.transport() == "ipc"
+    assert runtime.transport() == "auto"
     monkeypatch.setenv("JAX_EP_TRANSPORT", "nvshmem")
     assert runtime.transport() == "nvshmem"
+    monkeypatch.setenv("JAX_EP_TRANSPORT", "ipc")
+    assert runtime.transport() == "ipc"
     monkeypatch.setenv("JAX_EP_TRANSPORT", "rdma")
     with pytest.raises(ValueError, match="JAX_EP_TRANSPORT"):
         runtime.transport()
@@ -38,3 +40,23 @@ def test_children_name_gpus_as_the_mps_server_numbers_them():
     assert launch._child_devices(["1"], 4, under_mps=True) == ("1", ["0", "0", "0", "0"])
     assert launch._child_devices(["2", "0"], 4, under_mps=True) == ("2,0", ["0", "1", "0", "1"])
     assert launch._child_devices(["2", "0"], 2, under_mps=False) == (None, ["2", "0"])
+
+
+def test_auto_transport_takes_nvshmem_only_where_every_process_can():
+    """auto: NVSHMEM when several processes each drive one GPU of the mesh, the mesh spans every process and
+    the Buffer fits what is left of the symmetric heap; otherwise CUDA IPC / in-process peers."""
+    from jax_ep.cuda_backend.runtime import _HEAP_SLACK, use_symmetric
+    gib = 1 << 30
+    launcher = dict(devices_per_process=[1] * 8, processes_in_mesh=8, process_count=8, nbytes=gib)
+    assert use_symmetric("auto", 1, **launcher, heap_free=None)               # first Buffer sizes the heap
+    assert use_symmetric("auto", 1, **launcher, heap_free=gib + _HEAP_SLACK)
+    assert not use_symmetric("auto", 1, **launcher, heap_free=gib)            # would not fit: IPC instead
+    assert not use_symmetric("ipc", 1, **launcher, heap_free=None)
+    one_process = dict(devices_per_process=[2], processes_in_mesh=1, process_count=1, nbytes=gib, heap_free=None)
+    assert not use_symmetric("auto", 1, **one_process)                        # in-process peers
+    mixed = dict(devices_per_process=[2, 1], processes_in_mesh=2, process_count=2, nbytes=gib, heap_free=None)
+    assert not use_symmetric("auto", 1, **mixed)
+    part = dict(devices_per_process=[1, 1], processes_in_mesh=2, process_count=4, nbytes=gib, heap_free=None)
+    assert not use_symmetric("auto", 1, **part)                               # the heap is collective over all
+    assert use_symmetric("nvshmem", 1, **mixed)                               # asked for: the runtime explains why not
+    assert use_symmetric("ipc", 2, **launcher, heap_free=None)                # internode mode always is symmetric

@@ -1,9 +1,12 @@
 """Communication memory of a ``Buffer`` for the load/store (intranode) kernels.
 
-Transport (``JAX_EP_TRANSPORT``): ``ipc`` (default) allocates with cudaMalloc and maps peers through CUDA
-IPC handles or in-process pointers; ``nvshmem`` allocates from NVSHMEM's symmetric heap (one PE per
-process, bootstrapped with a unique id through the key-value store) and reaches peers with nvshmem_ptr.
-The kernels are the same either way.
+Transport (``JAX_EP_TRANSPORT``): ``nvshmem`` allocates from NVSHMEM's symmetric heap (one PE per
+process, bootstrapped with a unique id through the key-value store) and reaches peers with nvshmem_ptr;
+``ipc`` allocates with cudaMalloc and maps peers through CUDA IPC handles or in-process pointers. The
+kernels are the same either way. ``auto`` (the default) takes NVSHMEM when every process of the mesh drives
+one GPU and the Buffer fits the heap, else IPC / in-process peers: with several processes on one H200 under
+MPS, loads and stores through CUDA IPC mappings ran at about half the speed of the same kernels through
+NVSHMEM's mappings (normal mode at R=8: dispatch 730 vs 1187 GB/s, 2026-11-29 on nvidia-h200-x2).
 
 Created on first use of the cuda backend (at trace time), once per Buffer: every local device of the
 mesh gets a block of memory outside XLA's allocator; peers learn each other's blocks through in-process
@@ -27,14 +30,30 @@ from .. import _cuda
 _lock = threading.Lock()
 _uids = itertools.count(1)   # same order on every process (SPMD): the uid names the exchange
 _KV_TIMEOUT_MS = int(float(os.environ.get("JAX_EP_EXCHANGE_TIMEOUT_S", "300")) * 1000)
-TRANSPORTS = ("ipc", "nvshmem")
+TRANSPORTS = ("auto", "ipc", "nvshmem")
+_HEAP_SLACK = 32 << 20          # NVSHMEM's own allocations and alignment inside the symmetric heap
+_heap = {"bytes": 0, "used": 0}  # this process's symmetric heap (sized once, at NVSHMEM's bootstrap)
 
 
 def transport() -> str:
-    value = os.environ.get("JAX_EP_TRANSPORT", "ipc")
+    value = os.environ.get("JAX_EP_TRANSPORT", "auto")
     if value not in TRANSPORTS:
         raise ValueError(f"jax_ep: JAX_EP_TRANSPORT must be one of {TRANSPORTS}, got {value!r}")
     return value
+
+
+def use_symmetric(choice: str, num_nodes: int, devices_per_process: list[int], processes_in_mesh: int,
+                  process_count: int, nbytes: int, heap_free: int | None) -> bool:
+    """Whether a Buffer's memory comes from NVSHMEM's symmetric heap. Every input is the same on every process
+    (the mesh, the Buffer, the heap's history), so every process decides alike: the allocation is collective.
+    ``heap_free`` is None before NVSHMEM's bootstrap (the heap is then sized for this Buffer)."""
+    if num_nodes > 1 or choice == "nvshmem":   # internode mode reaches other nodes through NVSHMEM puts
+        return True
+    if choice == "ipc":
+        return False
+    return (processes_in_mesh > 1 and processes_in_mesh == process_count
+            and all(n == 1 for n in devices_per_process)
+            and (heap_free is None or nbytes + _HEAP_SLACK <= heap_free))
 
 
 def _kv_client():
@@ -61,6 +80,9 @@ def _nvshmem_bootstrap(ext, device: int, buffer_bytes: int):
         unique_id = client.blocking_key_value_get_bytes(key, _KV_TIMEOUT_MS)
     heap = int(os.environ.get("JAX_EP_NVSHMEM_HEAP_BYTES", "0")) or max(2 * buffer_bytes + (64 << 20), 1 << 30)
     ext.nvshmem_bootstrap(device, me, n, unique_id, heap)
+    # The bootstrap keeps a larger NVSHMEM_SYMMETRIC_SIZE the user set (a plain byte count).
+    given = os.environ.get("NVSHMEM_SYMMETRIC_SIZE", "")
+    _heap["bytes"] = max(heap, int(given) if given.isdigit() else 0)
 
 
 def layout_args(buffer) -> dict:
@@ -92,8 +114,15 @@ class IntranodeRuntime:
         self._prefix = f"jax_ep/{self.uid}/{tag.hexdigest()[:12]}"
         self._procs = sorted({d.process_index for d in devices.flat})
         self._client = None
-        # Internode mode reaches other nodes through NVSHMEM puts: its memory is always symmetric.
-        self._symmetric = transport() == "nvshmem" or buffer.num_nodes > 1
+        nbytes = int(ext.intranode_bytes(**args))
+        per_process = {}
+        for dev in devices.flat:
+            per_process[dev.process_index] = per_process.get(dev.process_index, 0) + 1
+        self._symmetric = use_symmetric(transport(), buffer.num_nodes, list(per_process.values()), len(self._procs),
+                                        jax.process_count(), nbytes,
+                                        _heap["bytes"] - _heap["used"] if ext.nvshmem_ready() else None)
+        self.transport = "nvshmem" if self._symmetric else ("ipc" if len(self._procs) > 1 else "in-process")
+        self._heap_bytes = 0
         if self._symmetric:
             if len(local) != 1:
                 why = "a Buffer over several nodes" if buffer.num_nodes > 1 else "JAX_EP_TRANSPORT=nvshmem"
@@ -102,10 +131,13 @@ class IntranodeRuntime:
             if len(self._procs) != jax.process_count():
                 raise RuntimeError("jax_ep: JAX_EP_TRANSPORT=nvshmem allocates collectively over every process: the "
                                    "mesh must span all of them")
-            _nvshmem_bootstrap(ext, local[0].local_hardware_id, int(ext.intranode_bytes(**args)))
+            _nvshmem_bootstrap(ext, local[0].local_hardware_id, nbytes)
         try:
             allocs = {d.id: ext.intranode_alloc(self.uid, d.local_hardware_id, **args, symmetric=self._symmetric)
                       for d in local}
+            if self._symmetric:
+                self._heap_bytes = nbytes
+                _heap["used"] += nbytes
             if len(self._procs) > 1:
                 self._client = _kv_client()
                 if self._client is None:
@@ -121,7 +153,12 @@ class IntranodeRuntime:
         except Exception:
             ext.intranode_unmap(self.uid)
             ext.intranode_free(self.uid)
+            self._release_heap()
             raise
+
+    def _release_heap(self):
+        _heap["used"] -= self._heap_bytes
+        self._heap_bytes = 0
 
     def _open(self, ext, buffer, devices, ax, d, allocs):
         coords = tuple(int(c) for c in np.argwhere(devices == d)[0])
@@ -167,6 +204,7 @@ class IntranodeRuntime:
         self._ext.intranode_unmap(self.uid)
         self._barrier("unmapped")
         self._ext.intranode_free(self.uid)
+        self._release_heap()
 
 
 def ensure(buffer) -> IntranodeRuntime:

@@ -34,6 +34,9 @@ def routing(rng, T, K, E, invalid=False):
     return shared_routing(rng, R, T, K, E, invalid)
 
 
+_gpu_buffers = []
+
+
 def run(mesh, backend, fn, arrays, n_out):
     buf_args = fn.buffer_args
     buf = jax_ep.Buffer(mesh, num_experts=buf_args["E"], hidden=buf_args["H"], max_tokens_per_rank=buf_args["T"],
@@ -42,6 +45,7 @@ def run(mesh, backend, fn, arrays, n_out):
     f = jax.jit(jax.shard_map(lambda *a: fn(buf, *a), mesh=mesh, in_specs=(P("ep"),) * len(arrays),
                               out_specs=(P("ep"),) * n_out))
     if mesh is gpu_mesh:
+        _gpu_buffers.append(buf)
         return [local_rows(o) for o in f(*[global_array(mesh, a) for a in arrays])], (f, buf)
     outs = f(*arrays)
     return [np.asarray(o).reshape((R, -1) + o.shape[1:])[rank] for o in outs], (f, buf)
@@ -156,5 +160,14 @@ if INTERNODE:
     case_dispatch(T=192, H=512, K=8, E=8 * R, dtype="fp8", topk_group=1, seed=3)
 case_expert_major_and_grad(T=128, H=256, K=4, E=8 * R)
 case_determinism()
+if GPU_BACKEND == "cuda":
+    # The transport each Buffer took: in this harness (one GPU per process, the mesh over every process) auto
+    # must take NVSHMEM; JAX_EP_TRANSPORT=ipc keeps CUDA IPC. Internode Buffers are always NVSHMEM.
+    from jax_ep.cuda_backend import runtime as _runtime
+    asked = os.environ.get("JAX_EP_TRANSPORT", "auto")
+    want = "nvshmem" if INTERNODE or asked != "ipc" else "ipc"
+    taken = sorted({b._state()["runtime"].transport for b in _gpu_buffers if "runtime" in b._state()})
+    check(f"transport ({asked}) is {want}", np.array(taken == [want]), np.array(True))
+    log(rank, "transport:", taken)
 elapsed = time.time() - t0
 sys.exit(check.finish(elapsed, ranks=R, ranks_per_node=RANKS_PER_NODE, device=str(jax.devices()[0].device_kind)))
