@@ -20,6 +20,7 @@ namespace {
 using rows::add_bf16x8;
 using rows::block_exclusive_scan;
 using rows::copy_or_zero;
+using rows::copy_row_and_scales;
 using rows::kUnroll;
 
 constexpr int kThreads = 512;
@@ -180,7 +181,6 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(PeerView v, Row
   const int R = v.layout.num_ranks, K = v.layout.num_topk, lane = threadIdx.x & 31;
   const uint64_t epoch = read_epoch(v);
   const int warp = blockIdx.x * kWarps + (threadIdx.x >> 5), num_warps = gridDim.x * kWarps;
-  const bool vec16 = (in.row_bytes % 16) == 0;
   for (int t = warp; t < num_tokens; t += num_warps) {
     // Slots come from a handle (a user-visible pytree): anything outside [0, C) is not an address.
     int slot_lo = lane < R ? send_slot[t * R + lane] : -1;
@@ -191,18 +191,13 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(PeerView v, Row
                                (static_cast<uint64_t>(__ballot_sync(kFullMask, slot_hi >= 0)) << 32);
     if (dest_mask == 0) continue;
     // The row goes once into this rank's own stage (local stores); its receivers pull it from there.
-    const uint8_t* x = static_cast<const uint8_t*>(in.x) + static_cast<size_t>(t) * in.row_bytes;
-    uint8_t* stage = v.local + v.layout.stage_x + static_cast<size_t>(t) * v.layout.max_row_bytes;
-    if (vec16) {
-      copy_or_zero<int4>(x, stage, in.row_bytes, true);
-    } else {
-      copy_or_zero<int>(x, stage, in.row_bytes, true);
-    }
-    if (in.scales != nullptr) {
-      copy_or_zero<int>(static_cast<const uint8_t*>(in.scales) + static_cast<size_t>(t) * in.scale_bytes,
-                        v.local + v.layout.stage_scales + static_cast<size_t>(t) * v.layout.max_scale_bytes,
+    const uint8_t* scales = in.scales != nullptr
+                                ? static_cast<const uint8_t*>(in.scales) + static_cast<size_t>(t) * in.scale_bytes
+                                : nullptr;
+    copy_row_and_scales(static_cast<const uint8_t*>(in.x) + static_cast<size_t>(t) * in.row_bytes,
+                        v.local + v.layout.stage_x + static_cast<size_t>(t) * v.layout.max_row_bytes, in.row_bytes,
+                        scales, v.local + v.layout.stage_scales + static_cast<size_t>(t) * v.layout.max_scale_bytes,
                         in.scale_bytes, true);
-    }
     if (topk_idx != nullptr) {
       int id = -1;
       float w = 0.f;
@@ -242,7 +237,6 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(PeerView v, Dis
 
   const int num_recv = min(max(stats[0], 0), C);
   const int lo = v.rank * E_loc;
-  const bool vec16 = (a.in.row_bytes % 16) == 0;
   const int warp = blockIdx.x * kWarps + (threadIdx.x >> 5), num_warps = gridDim.x * kWarps;
   const int T_max = v.layout.max_tokens;
   for (int c = warp; c < C; c += num_warps) {
@@ -258,16 +252,11 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(PeerView v, Dis
       src = v.peers[s] + v.layout.stage_x + static_cast<size_t>(t) * v.layout.max_row_bytes;
       src_scales = v.peers[s] + v.layout.stage_scales + static_cast<size_t>(t) * v.layout.max_scale_bytes;
     }
-    uint8_t* dst = static_cast<uint8_t*>(a.out_x) + static_cast<size_t>(c) * a.in.row_bytes;
-    if (vec16) {
-      copy_or_zero<int4>(src, dst, a.in.row_bytes, row_valid);
-    } else {
-      copy_or_zero<int>(src, dst, a.in.row_bytes, row_valid);
-    }
-    if (a.out_scales != nullptr) {
-      copy_or_zero<int>(src_scales, static_cast<uint8_t*>(a.out_scales) + static_cast<size_t>(c) * a.in.scale_bytes,
-                        a.in.scale_bytes, row_valid);
-    }
+    uint8_t* dst_scales = a.out_scales != nullptr
+                              ? static_cast<uint8_t*>(a.out_scales) + static_cast<size_t>(c) * a.in.scale_bytes
+                              : nullptr;
+    copy_row_and_scales(src, static_cast<uint8_t*>(a.out_x) + static_cast<size_t>(c) * a.in.row_bytes, a.in.row_bytes,
+                        dst_scales != nullptr ? src_scales : nullptr, dst_scales, a.in.scale_bytes, row_valid);
     if (meta) {
       if (lane < K) {
         const int id = valid ? ld_peer_written(field<int>(v.local, v.layout.recv_idx) + c * K + lane) : -1;

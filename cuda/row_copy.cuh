@@ -68,6 +68,47 @@ __device__ __forceinline__ void copy_or_zero(const uint8_t* src, uint8_t* dst, i
   }
 }
 
+// A token's payload row and its fp8 scales (src_scales == nullptr: none), copied or zeroed together. When
+// both are whole 16-byte vectors the scales ride in the payload's last round of loads instead of costing
+// a round trip of their own (the receive pulls across NVLink on several GPUs, where round trips dominate).
+__device__ __forceinline__ void copy_row_and_scales(const uint8_t* src, uint8_t* dst, int row_bytes,
+                                                    const uint8_t* src_scales, uint8_t* dst_scales, int scale_bytes,
+                                                    bool valid) {
+  const int scales = src_scales != nullptr ? scale_bytes : 0;
+  if (row_bytes % 16 != 0 || scales % 16 != 0) {
+    if (row_bytes % 16 == 0) {
+      copy_or_zero<int4>(src, dst, row_bytes, valid);
+    } else {
+      copy_or_zero<int>(src, dst, row_bytes, valid);
+    }
+    if (scales) copy_or_zero<int>(src_scales, dst_scales, scales, valid);
+    return;
+  }
+  const int lane = threadIdx.x & 31;
+  const int n_row = row_bytes / 16, n = n_row + scales / 16;
+  const int4* in = reinterpret_cast<const int4*>(src);
+  const int4* in_scales = reinterpret_cast<const int4*>(src_scales);
+  int4* out = reinterpret_cast<int4*>(dst);
+  int4* out_scales = reinterpret_cast<int4*>(dst_scales);
+  for (int j0 = 0; j0 < n; j0 += 32 * kUnroll) {
+    int4 value[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int j = j0 + u * 32 + lane;
+      value[u] = (valid && j < n) ? ld_peer_written(j < n_row ? in + j : in_scales + (j - n_row)) : int4{0, 0, 0, 0};
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int j = j0 + u * 32 + lane;
+      if (j < n_row) {
+        out[j] = value[u];
+      } else if (j < n) {
+        out_scales[j - n_row] = value[u];
+      }
+    }
+  }
+}
+
 __device__ __forceinline__ void add_bf16x8(float* acc, int4 raw) {
   const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
 #pragma unroll

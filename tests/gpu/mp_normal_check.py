@@ -12,7 +12,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from tests.gpu.harness import Checks, global_array, local_rows, setup  # noqa: E402
+from tests.gpu.harness import Checks, global_array, local_rows, log, setup  # noqa: E402
 from tests.gpu.harness import routing as shared_routing  # noqa: E402
 
 rank, R, gpu_mesh, cpu_mesh = setup()
