@@ -21,6 +21,7 @@ import itertools
 import math
 import os
 import threading
+import warnings
 
 import jax
 import numpy as np
@@ -122,6 +123,12 @@ class IntranodeRuntime:
                                         jax.process_count(), nbytes,
                                         _heap["bytes"] - _heap["used"] if ext.nvshmem_ready() else None)
         self.transport = "nvshmem" if self._symmetric else ("ipc" if len(self._procs) > 1 else "in-process")
+        if (not self._symmetric and transport() == "auto" and ext.nvshmem_ready()
+                and use_symmetric("auto", 1, list(per_process.values()), len(self._procs), jax.process_count(), 0, None)):
+            warnings.warn(f"jax_ep: this Buffer ({nbytes / 2**30:.2f} GiB) does not fit what is left of the NVSHMEM "
+                          f"heap ({(_heap['bytes'] - _heap['used']) / 2**30:.2f} of {_heap['bytes'] / 2**30:.2f} GiB), "
+                          "so it uses CUDA IPC, which runs at about half the speed with several processes per GPU; "
+                          "size the heap for every Buffer with JAX_EP_NVSHMEM_HEAP_BYTES", stacklevel=2)
         self._heap_bytes = 0
         if self._symmetric:
             if len(local) != 1:
