@@ -181,7 +181,10 @@ def kernel_profile(f, *args, ops=1, trace_dir=None):
         jax.block_until_ready(f(*args))
     finally:
         jax.profiler.stop_trace()
-    (path,) = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))[-1:]
+    traces = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))
+    if not traces:
+        raise RuntimeError(f"kernel_profile: the JAX profiler wrote no trace under {trace_dir}")
+    path = traces[-1]
     totals, first, last = {}, None, None
     for plane in ProfileData.from_file(path).planes:
         if not plane.name.startswith("/device:GPU"):
