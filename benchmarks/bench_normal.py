@@ -17,8 +17,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from tests.gpu.harness import (bench_arguments, emit_result, gather, global_array, kernel_profile, log,  # noqa: E402
-                               physical_gpus, setup, timed, timed_pipelined)
+from tests.gpu.harness import (bench_arguments, emit_result, exchange, gather, global_array,  # noqa: E402
+                               kernel_profile, log, physical_gpus, setup, timed, timed_pipelined)
 
 p = bench_arguments(tokens=4096, loop=10)
 p.add_argument("--peer-bytes-per-s", type=float, default=0.0,
@@ -81,11 +81,8 @@ def bench(num_sms, with_fp8):
         """Every rank's kernel times for one loop call, through the key-value store (rank 0 reports them)."""
         if not args.profile:
             return None
-        from jax._src.distributed import global_state
-        client = global_state.client
-        client.key_value_set(f"bench/{tag}{name}/profile/{rank}", json.dumps(kernel_profile(f, *a, ops=args.loop)))
-        return [json.loads(client.blocking_key_value_get(f"bench/{tag}{name}/profile/{r}", 600_000))
-                for r in range(R)]
+        mine = json.dumps(kernel_profile(f, *a, ops=args.loop))
+        return [json.loads(t) for t in exchange(f"{tag}{name}/profile", mine, rank, R)]
 
     for fp8 in ((False, True) if with_fp8 else (False,)):
         name = "dispatch_fp8" if fp8 else "dispatch_bf16"

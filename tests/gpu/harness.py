@@ -204,12 +204,17 @@ def kernel_profile(f, *args, ops=1, trace_dir=None):
     return out
 
 
-def gather(name, value, rank, num_ranks, reduce=max):
-    """``reduce`` over every rank's ``value`` (a float), through the distributed key-value store."""
+def exchange(name, text, rank, num_ranks):
+    """Every rank's ``text`` (a str), in rank order, through the distributed key-value store."""
     from jax._src.distributed import global_state
     client = global_state.client
-    client.key_value_set(f"bench/{name}/{rank}", repr(value))
-    return reduce(float(client.blocking_key_value_get(f"bench/{name}/{r}", 600_000)) for r in range(num_ranks))
+    client.key_value_set(f"bench/{name}/{rank}", text)
+    return [client.blocking_key_value_get(f"bench/{name}/{r}", 600_000) for r in range(num_ranks)]
+
+
+def gather(name, value, rank, num_ranks, reduce=max):
+    """``reduce`` over every rank's ``value`` (a float), through the distributed key-value store."""
+    return reduce(float(v) for v in exchange(name, repr(value), rank, num_ranks))
 
 
 def physical_gpus(rank, num_ranks):
