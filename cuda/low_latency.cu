@@ -73,6 +73,29 @@ __device__ __forceinline__ void stamp_end(const PeerView& v, int kernel) {  // t
   }
 }
 
+// Receive kernels: how much of the kernel's time went to waiting for peers. Every block stamps the moment its
+// waits were satisfied (the latest one wins); the last block adds latest - start to the kernel's wait sum.
+// Receive kernel k (dispatch 0, combine 1) uses the words after the per-kernel sums.
+__device__ __forceinline__ uint64_t* wait_words(const PeerView& v) {
+  return field<uint64_t>(v.local, v.ll.timing) + 3 * kLowLatencyKernels;
+}
+
+__device__ __forceinline__ void stamp_wait_end(const PeerView& v, int recv_kernel) {  // thread 0 of each block
+  atomicMax(reinterpret_cast<unsigned long long*>(wait_words(v) + recv_kernel),
+            static_cast<unsigned long long>(global_timer_ns()));
+}
+
+__device__ __forceinline__ void add_wait_time(const PeerView& v, int recv_kernel, int kernel) {  // the last block
+  if (threadIdx.x == 0) {
+    uint64_t* w = wait_words(v);
+    const uint64_t end = ld_peer_written(w + recv_kernel);
+    const uint64_t start = ld_peer_written(field<uint64_t>(v.local, v.ll.timing) + kernel);
+    w[2 + 2 * recv_kernel] += end > start ? end - start : 0;
+    w[2 + 2 * recv_kernel + 1] += 1;
+    w[recv_kernel] = 0;
+  }
+}
+
 // A sender of epoch n writes parity n & 1: the destination must have received epoch n - 2 from it. If this
 // rank itself has not, the caller holds more than two results: that can never complete, so fail now.
 __device__ void wait_staging_free(const PeerView& v, size_t done_offset, uint64_t epoch, int dest, int phase) {
@@ -334,6 +357,7 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_recv_kernel(PeerView v, 
     rows_from[threadIdx.x] = min(rows, T_max);
   }
   __syncthreads();
+  if (threadIdx.x == 0 && pair == static_cast<int>(blockIdx.x)) stamp_wait_end(v, 0);
   int offset = 0, total = 0;
   for (int r = 0; r < R; ++r) {
     if (r < s) offset += rows_from[r];
@@ -374,6 +398,7 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_recv_kernel(PeerView v, 
   }
   if (last_block_to_finish(field<unsigned>(v.local, l.counters) + kDispatchRecvKernel)) {
     stamp_end(v, kDispatchRecvKernel);
+    add_wait_time(v, 0, kDispatchRecvKernel);
     if (threadIdx.x < R) st_release_sys(field<uint64_t>(v.peers[threadIdx.x], l.dispatch_done) + v.rank, epoch);
   }
 }
@@ -437,6 +462,8 @@ __global__ void __launch_bounds__(kThreads) ll_combine_recv_kernel(PeerView v, L
     wait_flag_geq(v, field<uint64_t>(v.local, l.combine_signal) + parity * R + threadIdx.x, epoch, threadIdx.x,
                   kPhaseLowLatencyCombineRecv);
   }
+  __syncthreads();
+  if (threadIdx.x == 0) stamp_wait_end(v, 1);
   for (int t = blockIdx.x; t < a.num_tokens; t += gridDim.x) {
   __syncthreads();  // source_k / weight of the previous token are no longer read
   if (threadIdx.x < K) {
@@ -485,6 +512,7 @@ __global__ void __launch_bounds__(kThreads) ll_combine_recv_kernel(PeerView v, L
   }
   if (last_block_to_finish(field<unsigned>(v.local, l.counters) + kCombineRecvKernel)) {
     stamp_end(v, kCombineRecvKernel);
+    add_wait_time(v, 1, kCombineRecvKernel);
     if (threadIdx.x < R) st_release_sys(field<uint64_t>(v.peers[threadIdx.x], l.combine_done) + v.rank, epoch);
   }
 }
@@ -522,7 +550,7 @@ LowLatencyLayout make_low_latency_layout(size_t base, int num_ranks, int num_exp
   l.dispatch_epoch = take(8);
   l.combine_epoch = take(8);
   l.counters = take(16);
-  l.timing = take(8 * 3 * kLowLatencyKernels);
+  l.timing = take(8 * kLowLatencyTimingWords);
   l.dispatch_signal = take(8 * 2 * E_loc * R);
   l.dispatch_done = take(8 * R);
   l.combine_signal = take(8 * 2 * R);

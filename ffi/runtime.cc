@@ -291,7 +291,8 @@ std::vector<uint64_t> runtime_low_latency_times(int64_t uid, int device, bool re
   DeviceGuard guard(g.device);
   check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
   uint64_t* timing = reinterpret_cast<uint64_t*>(g.local + g.ll.timing);
-  std::vector<uint64_t> out(2 * kLowLatencyKernels);
+  // Per-kernel {ns, launches}, then the receive kernels' latest wait ends (0 between ops) and {ns waited, launches}.
+  std::vector<uint64_t> out(kLowLatencyTimingWords - kLowLatencyKernels);
   check(cudaMemcpy(out.data(), timing + kLowLatencyKernels, out.size() * sizeof(uint64_t), cudaMemcpyDeviceToHost),
         "cudaMemcpy (kernel times)");
   if (reset) check(cudaMemset(timing + kLowLatencyKernels, 0, out.size() * sizeof(uint64_t)), "cudaMemset");

@@ -199,8 +199,11 @@ class IntranodeRuntime:
         """Kernel-side seconds per launch of each low-latency kernel on this process's first device (measured on
         the device: first block's start to last block's end), averaged since the last reset."""
         raw = self._ext.low_latency_kernel_times(self.uid, self._devices[0], reset)
-        names = ("dispatch_send", "dispatch_recv", "combine_send", "combine_recv")
-        return {n: (raw[2 * i] / raw[2 * i + 1] * 1e-9 if raw[2 * i + 1] else None) for i, n in enumerate(names)}
+        # raw: {ns, launches} per kernel, two words of in-flight state, then {ns, launches} of the two receive
+        # kernels' waits (kernel start until the last block's signals had all arrived).
+        pairs = {"dispatch_send": 0, "dispatch_recv": 2, "combine_send": 4, "combine_recv": 6,
+                 "dispatch_recv_wait": 10, "combine_recv_wait": 12}
+        return {n: (raw[i] / raw[i + 1] * 1e-9 if raw[i + 1] else None) for n, i in pairs.items()}
 
     def diagnostics(self) -> str:
         return self._ext.intranode_diagnostics(self.uid)
