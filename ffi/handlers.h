@@ -23,3 +23,5 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpLowLatencyDispatchSend);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpLowLatencyDispatchRecv);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpLowLatencyCombineSend);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpLowLatencyCombineRecv);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpLowLatencyDispatch);  // both phases in one call
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxEpLowLatencyCombine);

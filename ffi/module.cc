@@ -67,6 +67,8 @@ nb::dict Registrations() {
   d[nb::str("jax_ep_ll_dispatch_recv")] = Capsule(JaxEpLowLatencyDispatchRecv);
   d[nb::str("jax_ep_ll_combine_send")] = Capsule(JaxEpLowLatencyCombineSend);
   d[nb::str("jax_ep_ll_combine_recv")] = Capsule(JaxEpLowLatencyCombineRecv);
+  d[nb::str("jax_ep_ll_dispatch")] = Capsule(JaxEpLowLatencyDispatch);
+  d[nb::str("jax_ep_ll_combine")] = Capsule(JaxEpLowLatencyCombine);
   return d;
 }
 

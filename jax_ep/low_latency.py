@@ -1,7 +1,10 @@
 """Low-latency (decode) mode: expert-major fixed-size receive buffers, fp8 or bf16, split send/recv.
 
-``low_latency_dispatch`` = ``low_latency_dispatch_recv(low_latency_dispatch_send(...))`` (same for combine);
-calling the phases separately lets XLA schedule independent compute between them.
+``low_latency_dispatch`` computes ``low_latency_dispatch_recv(low_latency_dispatch_send(...))`` (same for
+combine) as one call; calling the phases separately lets XLA schedule independent compute between them.
+XLA orders calls only by data: with split phases, a send that must follow another op's receive has to
+depend on it (as the next layer's tokens do), or XLA may start it early; a third result in flight fails
+the call with a clear error.
 """
 
 from __future__ import annotations
@@ -51,12 +54,16 @@ def _config(fn, buffer: Buffer, x, topk_idx, use_fp8, round_scale, use_ue8m0):
                             hidden=buffer.hidden)
 
 
+def _dispatch_config(fn, buffer, x, topk_idx, use_fp8, round_scale, use_ue8m0):
+    cfg = _config(fn, buffer, x, topk_idx, use_fp8, round_scale, use_ue8m0)
+    backend = _backend.resolve(fn, buffer.backend, _backend.platform_of(buffer))
+    return _with_runtime(cfg, buffer, backend), backend
+
+
 def low_latency_dispatch_send(buffer: Buffer, x, topk_idx, *, use_fp8: bool = True, round_scale: bool = False,
                               use_ue8m0: bool = False) -> LowLatencyPending:
     """Start a low-latency dispatch; returns a pending token for ``low_latency_dispatch_recv``."""
-    cfg = _config("low_latency_dispatch", buffer, x, topk_idx, use_fp8, round_scale, use_ue8m0)
-    backend = _backend.resolve("low_latency_dispatch", buffer.backend, _backend.platform_of(buffer))
-    cfg = _with_runtime(cfg, buffer, backend)
+    cfg, backend = _dispatch_config("low_latency_dispatch", buffer, x, topk_idx, use_fp8, round_scale, use_ue8m0)
     arrays = _impl(backend).dispatch_send(cfg, x, topk_idx)
     return LowLatencyPending(arrays=arrays, backend=backend, kind=_kind("dispatch", cfg))
 
@@ -72,6 +79,10 @@ def low_latency_dispatch_recv(buffer: Buffer, pending: LowLatencyPending, *,
     _validate.check_buffer("low_latency_dispatch", buffer)
     cfg = _pending_config(pending, "dispatch")
     out = _impl(pending.backend).dispatch_recv(cfg, pending.arrays)
+    return _dispatch_output(buffer, cfg, pending.backend, out, cumulative_stats)
+
+
+def _dispatch_output(buffer, cfg, backend, out, cumulative_stats) -> LowLatencyDispatchOutput:
     stats = None
     if cumulative_stats is not None:
         if cumulative_stats.shape != (buffer.num_local_experts,) or cumulative_stats.dtype != jnp.int32:
@@ -79,7 +90,7 @@ def low_latency_dispatch_recv(buffer: Buffer, pending: LowLatencyPending, *,
                              f"[{buffer.num_local_experts}], got {cumulative_stats.dtype}{list(cumulative_stats.shape)}")
         stats = cumulative_stats + out["count"]
     handle = LowLatencyHandle(src_info=out["src_info"], layout_range=out["layout_range"], arrays=out["arrays"],
-                              backend=pending.backend, use_fp8=cfg.use_fp8, use_ue8m0=cfg.use_ue8m0)
+                              backend=backend, use_fp8=cfg.use_fp8, use_ue8m0=cfg.use_ue8m0)
     return LowLatencyDispatchOutput(x=out["x"], x_scales=out["x_scales"], count=out["count"], handle=handle,
                                     cumulative_stats=stats)
 
@@ -91,13 +102,12 @@ def low_latency_dispatch(buffer: Buffer, x, topk_idx, *, use_fp8: bool = True, r
     fp8 (default): per-token, per-128-channel e4m3 with f32 scales (``round_scale``: power-of-two scales;
     ``use_ue8m0``: scales packed as UE8M0 bytes in int32). Semantics in ``docs/semantics.md``.
     """
-    pending = low_latency_dispatch_send(buffer, x, topk_idx, use_fp8=use_fp8, round_scale=round_scale,
-                                        use_ue8m0=use_ue8m0)
-    return low_latency_dispatch_recv(buffer, pending, cumulative_stats=cumulative_stats)
+    cfg, backend = _dispatch_config("low_latency_dispatch", buffer, x, topk_idx, use_fp8, round_scale, use_ue8m0)
+    out = _impl(backend).dispatch(cfg, x, topk_idx)   # one call: its two phases cannot be scheduled apart
+    return _dispatch_output(buffer, cfg, backend, out, cumulative_stats)
 
 
-def low_latency_combine_send(buffer: Buffer, y, handle: LowLatencyHandle) -> LowLatencyPending:
-    """Start a low-latency combine of expert outputs ``y [E_loc, R*T_max, H] bf16``."""
+def _combine_config(buffer: Buffer, y, handle: LowLatencyHandle) -> LowLatencyConfig:
     fn = "low_latency_combine"
     _validate.check_buffer(fn, buffer)
     if not isinstance(handle, LowLatencyHandle):
@@ -108,7 +118,12 @@ def low_latency_combine_send(buffer: Buffer, y, handle: LowLatencyHandle) -> Low
     cfg = LowLatencyConfig(axis=buffer.axis, num_ranks=buffer.num_ranks, num_experts=buffer.num_experts,
                            max_tokens_per_rank=buffer.max_tokens_per_rank, use_fp8=handle.use_fp8,
                            round_scale=False, use_ue8m0=handle.use_ue8m0, hidden=buffer.hidden)
-    cfg = _with_runtime(cfg, buffer, handle.backend)
+    return _with_runtime(cfg, buffer, handle.backend)
+
+
+def low_latency_combine_send(buffer: Buffer, y, handle: LowLatencyHandle) -> LowLatencyPending:
+    """Start a low-latency combine of expert outputs ``y [E_loc, R*T_max, H] bf16``."""
+    cfg = _combine_config(buffer, y, handle)
     arrays = _impl(handle.backend).combine_send(cfg, y, handle.arrays)
     return LowLatencyPending(arrays=arrays, backend=handle.backend, kind=_kind("combine", cfg))
 
@@ -124,8 +139,9 @@ def low_latency_combine_recv(buffer: Buffer, pending: LowLatencyPending, topk_id
 
 def low_latency_combine(buffer: Buffer, y, topk_idx, topk_weights, handle: LowLatencyHandle):
     """Decode-mode combine: weighted (f32) sum of each token's expert outputs, ``[T, H] bf16``."""
-    pending = low_latency_combine_send(buffer, y, handle)
-    return low_latency_combine_recv(buffer, pending, topk_idx, topk_weights)
+    cfg = _combine_config(buffer, y, handle)
+    _validate.check_topk("low_latency_combine", buffer, topk_idx, topk_weights)
+    return _impl(handle.backend).combine(cfg, y, handle.arrays, topk_idx, topk_weights)
 
 
 # The pending token's static ``kind`` carries the phase and its config, so recv needs no other state.

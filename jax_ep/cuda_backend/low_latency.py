@@ -1,4 +1,4 @@
-"""CUDA low-latency (decode) dispatch / combine as FFI calls, one per phase.
+"""CUDA low-latency (decode) dispatch / combine as FFI calls: one per phase, and one per whole op.
 
 Same signatures and semantics as ``jax_ep.reference.low_latency``, except that the cuda backend leaves
 payload rows past ``count[e]`` untouched (writing the R*T_max-row tail would cost more than the transfer;
@@ -32,9 +32,8 @@ def dispatch_send(cfg, x, topk_idx):
     return dict(ticket=vary_like(ticket, topk_idx))
 
 
-def dispatch_recv(cfg, pending):
+def _dispatch_results(cfg):
     E_loc, S, R = cfg.num_local_experts, cfg.slots, cfg.num_ranks
-    ticket = pending["ticket"]
     sds = jax.ShapeDtypeStruct
     H = cfg.hidden
     if cfg.use_fp8:
@@ -46,13 +45,29 @@ def dispatch_recv(cfg, pending):
         x_sds = sds((E_loc, S, H), jnp.bfloat16)
         scale_sds = sds((1,), jnp.float32)  # unused by bf16; never zero-sized (see normal.rm_dispatch)
     i32 = jnp.int32
-    results = (x_sds, scale_sds, sds((E_loc,), i32), sds((E_loc, S), i32), sds((E_loc, R), i32), sds((E_loc, S), i32))
-    out = _call("jax_ep_ll_dispatch_recv", results, ticket, uid=cfg.runtime_uid, use_fp8=cfg.use_fp8,
-                use_ue8m0=cfg.use_ue8m0)
-    x, scales, count, src_info, layout_range, recv_k = vary_like(out, ticket)
+    return (x_sds, scale_sds, sds((E_loc,), i32), sds((E_loc, S), i32), sds((E_loc, R), i32), sds((E_loc, S), i32))
+
+
+def _dispatch_output(cfg, out):
+    x, scales, count, src_info, layout_range, recv_k = out
     return dict(x=x, x_scales=scales if cfg.use_fp8 else None, count=count, src_info=src_info,
                 layout_range=layout_range,
                 arrays=dict(recv_k=recv_k, src_info=src_info, layout_range=layout_range))
+
+
+def dispatch_recv(cfg, pending):
+    ticket = pending["ticket"]
+    out = _call("jax_ep_ll_dispatch_recv", _dispatch_results(cfg), ticket, uid=cfg.runtime_uid, use_fp8=cfg.use_fp8,
+                use_ue8m0=cfg.use_ue8m0)
+    return _dispatch_output(cfg, vary_like(out, ticket))
+
+
+def dispatch(cfg, x, topk_idx):
+    """Both phases in one call: XLA orders custom calls only by data, and could otherwise schedule several
+    independent dispatches' sends ahead of their receives (more results in flight than the buffer holds)."""
+    _, *out = _call("jax_ep_ll_dispatch", (_TICKET,) + _dispatch_results(cfg), x, topk_idx, uid=cfg.runtime_uid,
+                    use_fp8=cfg.use_fp8, round_scale=cfg.round_scale, use_ue8m0=cfg.use_ue8m0)
+    return _dispatch_output(cfg, vary_like(tuple(out), topk_idx))
 
 
 def combine_send(cfg, y, arrays):
@@ -66,4 +81,13 @@ def combine_recv(cfg, pending, topk_idx, topk_weights):
     H = cfg.hidden
     (out,) = _call("jax_ep_ll_combine_recv", (jax.ShapeDtypeStruct((T, H), jnp.bfloat16),), pending["ticket"],
                    topk_idx, topk_weights.astype(jnp.float32), uid=cfg.runtime_uid)
+    return vary_like(out, topk_idx)
+
+
+def combine(cfg, y, arrays, topk_idx, topk_weights):
+    """Both phases in one call (see ``dispatch``)."""
+    T = topk_idx.shape[0]
+    _, out = _call("jax_ep_ll_combine", (_TICKET, jax.ShapeDtypeStruct((T, cfg.hidden), jnp.bfloat16)), y,
+                   arrays["src_info"], arrays["layout_range"], arrays["recv_k"], topk_idx,
+                   topk_weights.astype(jnp.float32), uid=cfg.runtime_uid)
     return vary_like(out, topk_idx)
