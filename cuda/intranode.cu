@@ -300,8 +300,13 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(PeerView v, Comb
   const int num_recv = min(max(a.stats[0], 0), v.layout.capacity);
   const int warp = blockIdx.x * kWarps + (threadIdx.x >> 5), num_warps = gridDim.x * kWarps;
   const bool vec16 = (row_bytes % 16) == 0;
+  const int T_max = v.layout.max_tokens, me = v.rank;
   for (int c = warp; c < num_recv; c += num_warps) {
     // Slot c's answer goes into this rank's own combine stage (local stores); its source pulls it from there.
+    // This rank's own tokens are read from y by combine_recv: staging them would cost a write and a read.
+    // (recv_src comes from a handle: a wrong value only makes this rank skip or stage a row, never an address.)
+    const int from = a.recv_src[c];
+    if (from >= me * T_max && from < (me + 1) * T_max) continue;
     const uint8_t* in = static_cast<const uint8_t*>(a.y) + static_cast<size_t>(c) * row_bytes;
     uint8_t* out = v.local + v.layout.stage_comb + static_cast<size_t>(c) * v.layout.max_row_bytes;
     if (vec16) {
@@ -324,6 +329,7 @@ __global__ void __launch_bounds__(kThreads) combine_recv_kernel(PeerView v, Comb
   const bool vec16 = (row_bytes % 16) == 0;
   const int warp = blockIdx.x * kWarps + (threadIdx.x >> 5), num_warps = gridDim.x * kWarps;
   const uint8_t* const* rows = answer[threadIdx.x >> 5];
+  const int me = v.rank;
   for (int t = warp; t < a.num_tokens; t += num_warps) {
     // Slots come from a handle (a user-visible pytree): anything outside [0, C) is not an address.
     const int slot_lo = lane < R ? a.send_slot[t * R + lane] : -1;
@@ -331,8 +337,16 @@ __global__ void __launch_bounds__(kThreads) combine_recv_kernel(PeerView v, Comb
     const bool lo = slot_lo >= 0 && slot_lo < C, hi = slot_hi >= 0 && slot_hi < C;
     __syncwarp();  // the previous token's row pointers are no longer read
     const size_t stride = v.layout.max_row_bytes;
-    if (lo) answer[threadIdx.x >> 5][lane] = v.peers[lane] + v.layout.stage_comb + slot_lo * stride;
-    if (hi) answer[threadIdx.x >> 5][lane + 32] = v.peers[lane + 32] + v.layout.stage_comb + slot_hi * stride;
+    // Peers' answers from their combine stage; this rank's own straight from y (combine_send did not stage them).
+    const uint8_t* y = static_cast<const uint8_t*>(a.y);
+    if (lo) {
+      answer[threadIdx.x >> 5][lane] = lane == me ? y + static_cast<size_t>(slot_lo) * row_bytes
+                                                  : v.peers[lane] + v.layout.stage_comb + slot_lo * stride;
+    }
+    if (hi) {
+      answer[threadIdx.x >> 5][lane + 32] = lane + 32 == me ? y + static_cast<size_t>(slot_hi) * row_bytes
+                                                            : v.peers[lane + 32] + v.layout.stage_comb + slot_hi * stride;
+    }
     __syncwarp();  // the row pointers are visible to every lane
     const uint64_t mask = static_cast<uint64_t>(__ballot_sync(kFullMask, lo)) |
                           (static_cast<uint64_t>(__ballot_sync(kFullMask, hi)) << 32);
