@@ -3,8 +3,12 @@
 
 Per rank, worst rank reported (max over ranks):
 - kernel: device-side time of each kernel (first block's start to last block's end, read from the
-  runtime's counters) averaged over a jitted fori_loop of ``--loop`` dispatch + combine rounds. The
-  receive kernels include waiting for the slowest sender: that is the op's latency.
+  runtime's counters) averaged over ``--loop`` dispatch + combine rounds traced straight-line into one jitted
+  function (as the MoE layers of one decode step are), so every process queues them back to back. The
+  receive kernels include waiting for the slowest sender: that is the op's latency (``*_recv_wait``: from the
+  receive kernel's start until the last of its blocks had every signal it waits for).
+- kernel (fori_loop): the same rounds in a ``jax.lax.fori_loop``: between iterations each process's device
+  loop may return to its host, and the processes drift apart by whatever their hosts take.
 - jit: median wall time of one jitted call of one op, blocking on each (latency, host dispatch included);
 - jit_pipelined: per call, of back-to-back calls dispatched without blocking (host dispatch overlapped).
 - overlap: send, an independent matmul, recv -- against send, recv, matmul (same work, serial).
@@ -57,12 +61,21 @@ def smap(fn, n_in):
     return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P("ep"),) * n_in, out_specs=P("ep")))
 
 
-def rounds(x, i, w, y):
-    def body(_, acc):
-        out = jax_ep.low_latency_dispatch(buf, x, i)
-        z = jax_ep.low_latency_combine(buf, y, i, w, out.handle)
-        return acc + out.count[0] + z[0, 0].astype(jnp.int32)
-    return jax.lax.fori_loop(0, args.loop, body, i[0, 0] * 0)[None]
+def round_body(x, i, w, y, acc):
+    out = jax_ep.low_latency_dispatch(buf, x, i)
+    z = jax_ep.low_latency_combine(buf, y, i, w, out.handle)
+    return acc + out.count[0] + z[0, 0].astype(jnp.int32)
+
+
+def rounds(x, i, w, y):   # a device loop: XLA may return to the host between iterations
+    return jax.lax.fori_loop(0, args.loop, lambda _, acc: round_body(x, i, w, y, acc), i[0, 0] * 0)[None]
+
+
+def rounds_unrolled(x, i, w, y):   # straight-line ops, as in one decode step of a model: queued back to back
+    acc = i[0, 0] * 0
+    for _ in range(args.loop):
+        acc = round_body(x, i, w, y, acc)
+    return acc[None]
 
 
 def dispatch_once(x, i):
@@ -93,18 +106,25 @@ def matmul_only(m):
 
 
 results = {}
-f_rounds = smap(rounds, 4)
-jax.block_until_ready(f_rounds(gx, gi, gw, gy))
-kernel = None
-if not DRY:
+
+
+def kernel_times(fn, tag):
+    """Device-side seconds per launch of each kernel (max over ranks) over ``repeats`` calls of ``fn``."""
+    f = smap(fn, 4)
+    jax.block_until_ready(f(gx, gi, gw, gy))
+    if DRY:
+        return None
     rt = runtime.ensure(buf)
     rt.low_latency_kernel_times(reset=True)
     for _ in range(args.repeats):
-        jax.block_until_ready(f_rounds(gx, gi, gw, gy))
-    kernel = rt.low_latency_kernel_times()
-    for name, sec in kernel.items():
-        kernel[name] = gather(f"k_{name}", sec, rank, R)
+        jax.block_until_ready(f(gx, gi, gw, gy))
+    times = rt.low_latency_kernel_times()
+    return {name: gather(f"k{tag}_{name}", sec, rank, R) for name, sec in times.items()}
+
+
+kernel = kernel_times(rounds_unrolled, "u")
 results["kernel_s"] = kernel
+results["kernel_fori_loop_s"] = kernel_times(rounds, "f")
 t_dispatch_jit = gather("dispatch_jit", timed(smap(dispatch_once, 2), gx, gi, repeats=args.repeats), rank, R)
 t_both_jit = gather("both_jit", timed(smap(combine_once, 4), gx, gi, gw, gy, repeats=args.repeats), rank, R)
 results["jit_s"] = dict(dispatch=t_dispatch_jit, combine=t_both_jit - t_dispatch_jit)
@@ -130,7 +150,15 @@ if kernel and all(v for v in kernel.values()):
     t_d = kernel["dispatch_send"] + kernel["dispatch_recv"]
     t_c = kernel["combine_send"] + kernel["combine_recv"]
     summary["latency_us"] = dict(dispatch=t_d * 1e6, combine=t_c * 1e6, dispatch_send=kernel["dispatch_send"] * 1e6,
-                                 combine_send=kernel["combine_send"] * 1e6)
+                                 combine_send=kernel["combine_send"] * 1e6,
+                                 # of the receive kernels' time, how long the slowest block waited for peers
+                                 dispatch_recv_wait=kernel["dispatch_recv_wait"] * 1e6,
+                                 combine_recv_wait=kernel["combine_recv_wait"] * 1e6)
+    fori = results["kernel_fori_loop_s"]
+    summary["latency_fori_loop_us"] = dict(dispatch=(fori["dispatch_send"] + fori["dispatch_recv"]) * 1e6,
+                                           combine=(fori["combine_send"] + fori["combine_recv"]) * 1e6,
+                                           dispatch_recv_wait=fori["dispatch_recv_wait"] * 1e6,
+                                           combine_recv_wait=fori["combine_recv_wait"] * 1e6)
     summary["GBps_per_rank"] = dict(dispatch=sel / R * fp8_msg / t_d / 1e9, combine=sel / R * bf16_msg / t_c / 1e9)
     if B:
         summary["ratio_to_hbm_floor"] = dict(dispatch=t_d / (floor_dispatch / B), combine=t_c / (floor_combine / B))
