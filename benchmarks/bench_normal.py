@@ -7,7 +7,8 @@ Times (per rank, max over ranks reported):
   a call costs once (launch, host dispatch, the processes starting the call at different moments: the first
   op waits for the last process) cancels out; ``op_loop_s`` keeps the plain per-op time of the short call;
 - jit: median wall time of one jitted call of a single op, blocking on each call (latency);
-- jit_pipelined: per call, of back-to-back jitted calls dispatched without blocking (what a loop pays).
+- jit_pipelined: per call, of back-to-back jitted calls dispatched without blocking (what a loop pays), from
+  runs of 3n and n calls as for op (``jit_pipelined_plain_s``: the n-call run divided by n).
 Bandwidth follows DeepEP: bytes of the received tokens (fp8 counted with its scales) / time, summed over
 ranks; combine counts the same rows in bf16. Rank 0 prints a JSON line and writes it to --out.
 """
@@ -20,7 +21,8 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from tests.gpu.harness import (bench_arguments, emit_result, exchange, gather, global_array,  # noqa: E402
-                               kernel_profile, log, physical_gpus, setup, timed, timed_pipelined)
+                               kernel_profile, log, physical_gpus, setup, timed, timed_pipelined,
+                               timed_pipelined_steady)
 
 p = bench_arguments(tokens=4096, loop=10)
 p.add_argument("--peer-bytes-per-s", type=float, default=0.0,
@@ -111,12 +113,15 @@ def bench(num_sms, with_fp8):
         t_short = timed_(smap(loop, 3), pre, gi, gw)
         t_op = steady_op(timed_(smap(loop_of(3 * args.loop), 3), pre, gi, gw), t_short, args.loop)
         t_jit = timed_(smap(one, 3), pre, gi, gw)
-        t_pipe = timed_pipelined(smap(one, 3), pre, gi, gw, calls=args.repeats)
+        t_pipe = timed_pipelined_steady(smap(one, 3), pre, gi, gw, calls=args.repeats)
+        t_pipe_plain = timed_pipelined(smap(one, 3), pre, gi, gw, calls=args.repeats)
         row_bytes = H + 4 * (H // 128) if fp8 else 2 * H
         results[name] = dict(recv_tokens_this_rank=int(n_recv), op_s=gather_max(f"{tag}{name}_op", t_op),
                              op_loop_s=gather_max(f"{tag}{name}_op_loop", t_short / args.loop),
                              jit_s=gather_max(f"{tag}{name}_jit", t_jit),
-                             jit_pipelined_s=gather_max(f"{tag}{name}_pipe", t_pipe), row_bytes=row_bytes)
+                             jit_pipelined_s=gather_max(f"{tag}{name}_pipe", t_pipe),
+                             jit_pipelined_plain_s=gather_max(f"{tag}{name}_pipe_plain", t_pipe_plain),
+                             row_bytes=row_bytes)
         results[name]["recv_tokens_all_ranks"] = int(gather(f"{tag}{name}/rows", int(n_recv), rank, R, reduce=sum))
         if args.profile:
             results[name]["kernels_per_rank"] = profile(name, smap(loop, 3), pre, gi, gw)
@@ -147,7 +152,7 @@ def bench(num_sms, with_fp8):
     t_comb_jit = timed_(smap(comb_one, 3), gx, gi, gw) - t_disp_jit
     # Through jit, the pair minus the dispatch: one blocking call (host-latency bound, noisy when the launch
     # costs more than the kernels) and back-to-back calls (host dispatch overlapped, what a training loop pays).
-    t_comb_pipe = timed_pipelined(smap(comb_one, 3), gx, gi, gw, calls=args.repeats) - \
+    t_comb_pipe = timed_pipelined_steady(smap(comb_one, 3), gx, gi, gw, calls=args.repeats) - \
         results["dispatch_bf16"]["jit_pipelined_s"]
     results["combine_bf16"] = dict(op_s=gather_max(f"{tag}combine_op", t_comb_op),
                                    op_loop_s=gather_max(f"{tag}combine_op_loop", t_comb_op_loop),

@@ -164,6 +164,14 @@ def timed_pipelined(f, *args, calls=20):
     return (time.perf_counter() - t0) / calls
 
 
+def timed_pipelined_steady(f, *args, calls=20):
+    """Per call in a long run of back-to-back calls: (time of 3 x ``calls`` - time of ``calls``) / (2 x
+    ``calls``), so what a run pays once (the processes starting it apart, the final wait) cancels out."""
+    short = timed_pipelined(f, *args, calls=calls)
+    diff = (timed_pipelined(f, *args, calls=3 * calls) * 3 * calls - short * calls) / (2 * calls)
+    return diff if diff > 0 else short   # timing noise (CPU rehearsals): the plain figure
+
+
 def kernel_profile(f, *args, ops=1, trace_dir=None):
     """GPU kernel time per kernel name for one call of ``f(*args)`` (which runs ``ops`` ops), from a JAX
     profiler trace of this process: {name: {"us_per_op": ..., "calls_per_op": ...}} plus "_span_us_per_op"
