@@ -150,14 +150,21 @@ def bench(num_sms, with_fp8):
     t_comb_op = steady_op(timed_(smap(comb_loop_of(3 * args.loop), 3), gx, gi, gw), t_comb_loop, args.loop,
                           fallback=t_comb_op_loop)
     t_comb_jit = timed_(smap(comb_one, 3), gx, gi, gw) - t_disp_jit
-    # Through jit, the pair minus the dispatch: one blocking call (host-latency bound, noisy when the launch
-    # costs more than the kernels) and back-to-back calls (host dispatch overlapped, what a training loop pays).
-    t_comb_pipe = timed_pipelined_steady(smap(comb_one, 3), gx, gi, gw, calls=args.repeats) - \
+    # Through jit, back-to-back calls of combine alone (host dispatch overlapped, what a training loop pays), on
+    # one dispatch's rows and handle passed in as arguments; and, as before, a dispatch + combine call minus
+    # the dispatch's own through-jit time.
+    rows, handle = smap(lambda x, i, w: (lambda o: (o.x, o.handle))(jax_ep.dispatch(buf, x, i, w)), 3)(gx, gi, gw)
+    comb_only = smap(lambda y, h: jax_ep.combine(buf, y, h), 2)
+    t_comb_pipe = timed_pipelined_steady(comb_only, rows, handle, calls=args.repeats)
+    t_comb_pipe_pair = timed_pipelined_steady(smap(comb_one, 3), gx, gi, gw, calls=args.repeats) - \
         results["dispatch_bf16"]["jit_pipelined_s"]
+    del rows, handle
     results["combine_bf16"] = dict(op_s=gather_max(f"{tag}combine_op", t_comb_op),
                                    op_loop_s=gather_max(f"{tag}combine_op_loop", t_comb_op_loop),
                                    jit_s=gather_max(f"{tag}combine_jit", t_comb_jit),
                                    jit_pipelined_s=gather_max(f"{tag}combine_pipe", t_comb_pipe),
+                                   jit_pipelined_pair_minus_dispatch_s=gather_max(f"{tag}combine_pipe_pair",
+                                                                                  t_comb_pipe_pair),
                                    row_bytes=2 * H, recv_tokens_all_ranks=results["dispatch_bf16"]["recv_tokens_all_ranks"])
     if args.profile:  # the loop's one dispatch shows up as its own kernels
         results["combine_bf16"]["kernels_per_rank"] = profile("combine", smap(comb_loop, 3), gx, gi, gw)
