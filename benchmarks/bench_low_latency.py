@@ -143,7 +143,10 @@ fp8_msg, bf16_msg = H + H // 128 * 4 + 16, 2 * H
 floor_dispatch = R * T * 2 * H + 3 * sel * fp8_msg      # read x; write + read staging; write the valid rows
 floor_combine = 3 * sel * bf16_msg + R * T * 2 * H      # read y rows; write + read staging; write out
 B = args.hbm_bytes_per_s * G   # the floor's bytes spread over every GPU's HBM
-summary = dict(config=dict(ranks=R, physical_gpus=G, tokens=T, hidden=H, topk=K, experts=E, loop=args.loop, selections=sel),
+# SMs the device reports to this process (under MPS: is the active-thread share reflected? it sizes the grids)
+sms_visible = getattr(jax.devices()[0], "core_count", None)
+summary = dict(config=dict(ranks=R, physical_gpus=G, tokens=T, hidden=H, topk=K, experts=E, loop=args.loop, selections=sel,
+                           sms_visible=sms_visible),
                device=jax.devices()[0].device_kind, hbm_copy_bytes_per_s=args.hbm_bytes_per_s, results=results,
                floor_bytes=dict(dispatch=floor_dispatch, combine=floor_combine))
 if kernel and all(v for v in kernel.values()):

@@ -208,7 +208,8 @@ if rank == 0:
             r["GBps_network_per_rank"] = r["network_bytes_per_rank"] / r["op_s"] / 1e9
             r["GBps_nvl_per_rank"] = r["GBps_op"] / R
     summary = dict(config=dict(ranks=R, physical_gpus=G, tokens=T, hidden=H, topk=K, experts=E, loop=args.loop,
-                               ranks_per_node=N, nodes=NODES, topk_groups=min(args.topk_groups, NODES)),
+                               ranks_per_node=N, nodes=NODES, topk_groups=min(args.topk_groups, NODES),
+                               sms_visible=getattr(jax.devices()[0], "core_count", None)),  # to rank 0 (MPS share?)
                    peer_bytes_per_s=PEER or None,
                    sms_sweep={str(n): {k: round(v["GBps_op"], 1) for k, v in res.items()} for n, res in sweep.items()},
                    hbm_copy_bytes_per_s=B, device=jax.devices()[0].device_kind, results=results)
