@@ -24,7 +24,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from tests.gpu.harness import (bench_arguments, emit_result, gather, global_array, log, physical_gpus,  # noqa: E402
-                               setup, timed, timed_pipelined)
+                               setup, timed, timed_pipelined, visible_sms)
 
 p = bench_arguments(tokens=128, loop=20)
 args = p.parse_args()
@@ -143,10 +143,8 @@ fp8_msg, bf16_msg = H + H // 128 * 4 + 16, 2 * H
 floor_dispatch = R * T * 2 * H + 3 * sel * fp8_msg      # read x; write + read staging; write the valid rows
 floor_combine = 3 * sel * bf16_msg + R * T * 2 * H      # read y rows; write + read staging; write out
 B = args.hbm_bytes_per_s * G   # the floor's bytes spread over every GPU's HBM
-# SMs the device reports to this process (under MPS: is the active-thread share reflected? it sizes the grids)
-sms_visible = getattr(jax.devices()[0], "core_count", None)
 summary = dict(config=dict(ranks=R, physical_gpus=G, tokens=T, hidden=H, topk=K, experts=E, loop=args.loop, selections=sel,
-                           sms_visible=sms_visible),
+                           sms_visible=visible_sms()),
                device=jax.devices()[0].device_kind, hbm_copy_bytes_per_s=args.hbm_bytes_per_s, results=results,
                floor_bytes=dict(dispatch=floor_dispatch, combine=floor_combine))
 if kernel and all(v for v in kernel.values()):

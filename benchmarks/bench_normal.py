@@ -22,7 +22,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from tests.gpu.harness import (bench_arguments, emit_result, exchange, gather, global_array,  # noqa: E402
                                kernel_profile, log, physical_gpus, setup, timed, timed_pipelined,
-                               timed_pipelined_steady)
+                               timed_pipelined_steady, visible_sms)
 
 p = bench_arguments(tokens=4096, loop=10)
 p.add_argument("--peer-bytes-per-s", type=float, default=0.0,
@@ -209,7 +209,7 @@ if rank == 0:
             r["GBps_nvl_per_rank"] = r["GBps_op"] / R
     summary = dict(config=dict(ranks=R, physical_gpus=G, tokens=T, hidden=H, topk=K, experts=E, loop=args.loop,
                                ranks_per_node=N, nodes=NODES, topk_groups=min(args.topk_groups, NODES),
-                               sms_visible=getattr(jax.devices()[0], "core_count", None)),  # to rank 0 (MPS share?)
+                               sms_visible=visible_sms()),   # rank 0's view (does MPS show the share?)
                    peer_bytes_per_s=PEER or None,
                    sms_sweep={str(n): {k: round(v["GBps_op"], 1) for k, v in res.items()} for n, res in sweep.items()},
                    hbm_copy_bytes_per_s=B, device=jax.devices()[0].device_kind, results=results)

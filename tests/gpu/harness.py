@@ -164,6 +164,16 @@ def timed_pipelined(f, *args, calls=20):
     return (time.perf_counter() - t0) / calls
 
 
+def visible_sms():
+    """SMs the first device reports to this process (None where it does not say): under MPS, whether the
+    client's share shows here decides how the kernels' grids are sized."""
+    import jax
+    try:
+        return int(jax.devices()[0].core_count)
+    except Exception:   # CPU devices have no core_count; never fail a benchmark over a label
+        return None
+
+
 def timed_pipelined_steady(f, *args, calls=20):
     """Per call in a long run of back-to-back calls: (time of 3 x ``calls`` - time of ``calls``) / (2 x
     ``calls``), so what a run pays once (the processes starting it apart, the final wait) cancels out."""
