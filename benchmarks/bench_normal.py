@@ -21,7 +21,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from tests.gpu.harness import (bench_arguments, emit_result, exchange, gather, global_array,  # noqa: E402
-                               kernel_profile, log, physical_gpus, setup, timed, timed_pipelined,
+                               kernel_profile, log, physical_gpus, setup, timed,
                                timed_pipelined_steady, visible_sms)
 
 p = bench_arguments(tokens=4096, loop=10)
@@ -113,8 +113,7 @@ def bench(num_sms, with_fp8):
         t_short = timed_(smap(loop, 3), pre, gi, gw)
         t_op = steady_op(timed_(smap(loop_of(3 * args.loop), 3), pre, gi, gw), t_short, args.loop)
         t_jit = timed_(smap(one, 3), pre, gi, gw)
-        t_pipe = timed_pipelined_steady(smap(one, 3), pre, gi, gw, calls=args.repeats)
-        t_pipe_plain = timed_pipelined(smap(one, 3), pre, gi, gw, calls=args.repeats)
+        t_pipe, t_pipe_plain = timed_pipelined_steady(smap(one, 3), pre, gi, gw, calls=args.repeats)
         row_bytes = H + 4 * (H // 128) if fp8 else 2 * H
         results[name] = dict(recv_tokens_this_rank=int(n_recv), op_s=gather_max(f"{tag}{name}_op", t_op),
                              op_loop_s=gather_max(f"{tag}{name}_op_loop", t_short / args.loop),
@@ -155,8 +154,8 @@ def bench(num_sms, with_fp8):
     # the dispatch's own through-jit time.
     rows, handle = smap(lambda x, i, w: (lambda o: (o.x, o.handle))(jax_ep.dispatch(buf, x, i, w)), 3)(gx, gi, gw)
     comb_only = smap(lambda y, h: jax_ep.combine(buf, y, h), 2)
-    t_comb_pipe = timed_pipelined_steady(comb_only, rows, handle, calls=args.repeats)
-    t_comb_pipe_pair = timed_pipelined_steady(smap(comb_one, 3), gx, gi, gw, calls=args.repeats) - \
+    t_comb_pipe = timed_pipelined_steady(comb_only, rows, handle, calls=args.repeats)[0]
+    t_comb_pipe_pair = timed_pipelined_steady(smap(comb_one, 3), gx, gi, gw, calls=args.repeats)[0] - \
         results["dispatch_bf16"]["jit_pipelined_s"]
     del rows, handle
     results["combine_bf16"] = dict(op_s=gather_max(f"{tag}combine_op", t_comb_op),

@@ -175,11 +175,12 @@ def visible_sms():
 
 
 def timed_pipelined_steady(f, *args, calls=20):
-    """Per call in a long run of back-to-back calls: (time of 3 x ``calls`` - time of ``calls``) / (2 x
-    ``calls``), so what a run pays once (the processes starting it apart, the final wait) cancels out."""
+    """(steady, plain) seconds per call of back-to-back calls. steady = (time of 3 x ``calls`` - time of
+    ``calls``) / (2 x ``calls``), so what a run pays once (the processes starting it apart, the final wait)
+    cancels out; plain = the ``calls``-call run divided by ``calls``."""
     short = timed_pipelined(f, *args, calls=calls)
     diff = (timed_pipelined(f, *args, calls=3 * calls) * 3 * calls - short * calls) / (2 * calls)
-    return diff if diff > 0 else short   # timing noise (CPU rehearsals): the plain figure
+    return (diff if diff > 0 else short), short   # timing noise (CPU rehearsals): the plain figure
 
 
 def kernel_profile(f, *args, ops=1, trace_dir=None):
