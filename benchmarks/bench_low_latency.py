@@ -3,10 +3,14 @@
 
 Per rank, worst rank reported (max over ranks):
 - kernel: device-side time of each kernel (first block's start to last block's end, read from the
-  runtime's counters) averaged over ``--loop`` dispatch + combine rounds traced straight-line into one jitted
-  function (as the MoE layers of one decode step are), so every process queues them back to back. The
-  receive kernels include waiting for the slowest sender: that is the op's latency (``*_recv_wait``: from the
+  runtime's counters) per launch in dispatch + combine rounds traced straight-line into one jitted function
+  (as the MoE layers of one decode step are), so every process queues them back to back: from calls of
+  3 x ``--loop`` and ``--loop`` rounds, (sum over the long calls - sum over the short) / the extra launches,
+  so that what a call pays once -- its first receive waits until the last process has started the call --
+  is not charged to every round (``kernel_plain_s``: the plain average over the short calls). The receive
+  kernels include waiting for the slowest sender: that is the op's latency (``*_recv_wait``: from the
   receive kernel's start until the last of its blocks had every signal it waits for).
+  ``last_call_timeline_us``: every rank's kernels in the last short call, on the GPU's clock.
 - kernel (fori_loop): the same rounds in a ``jax.lax.fori_loop``: between iterations each process's device
   loop may return to its host, and the processes drift apart by whatever their hosts take.
 - jit: median wall time of one jitted call of one op, blocking on each (latency, host dispatch included);
@@ -19,12 +23,13 @@ ranks (listed in ``floor_bytes``), over the HBM copy bandwidth B measured in the
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from tests.gpu.harness import (bench_arguments, emit_result, gather, global_array, log, physical_gpus,  # noqa: E402
-                               setup, timed, timed_pipelined, visible_sms)
+from tests.gpu.harness import (bench_arguments, emit_result, exchange, gather, global_array, log,  # noqa: E402
+                               physical_gpus, setup, timed, timed_pipelined, visible_sms)
 
 p = bench_arguments(tokens=128, loop=20)
 args = p.parse_args()
@@ -71,11 +76,13 @@ def rounds(x, i, w, y):   # a device loop: XLA may return to the host between it
     return jax.lax.fori_loop(0, args.loop, lambda _, acc: round_body(x, i, w, y, acc), i[0, 0] * 0)[None]
 
 
-def rounds_unrolled(x, i, w, y):   # straight-line ops, as in one decode step of a model: queued back to back
-    acc = i[0, 0] * 0
-    for _ in range(args.loop):
-        acc = round_body(x, i, w, y, acc)
-    return acc[None]
+def rounds_unrolled_of(n):
+    def rounds_unrolled(x, i, w, y):   # straight-line ops, as in one decode step of a model: queued back to back
+        acc = i[0, 0] * 0
+        for _ in range(n):
+            acc = round_body(x, i, w, y, acc)
+        return acc[None]
+    return rounds_unrolled
 
 
 def dispatch_once(x, i):
@@ -108,21 +115,50 @@ def matmul_only(m):
 results = {}
 
 
-def kernel_times(fn, tag):
-    """Device-side seconds per launch of each kernel (max over ranks) over ``repeats`` calls of ``fn``."""
+def local_kernel_times(fn):
+    """This rank's device-side seconds per launch of each kernel over ``repeats`` calls of ``fn``."""
     f = smap(fn, 4)
     jax.block_until_ready(f(gx, gi, gw, gy))
-    if DRY:
-        return None
     rt = runtime.ensure(buf)
     rt.low_latency_kernel_times(reset=True)
     for _ in range(args.repeats):
         jax.block_until_ready(f(gx, gi, gw, gy))
-    times = rt.low_latency_kernel_times()
-    return {name: gather(f"k{tag}_{name}", sec, rank, R) for name, sec in times.items()}
+    return rt.low_latency_kernel_times()
 
 
-kernel = kernel_times(rounds_unrolled, "u")
+def kernel_times(fn, tag):
+    """Device-side seconds per launch of each kernel (max over ranks) over ``repeats`` calls of ``fn``."""
+    if DRY:
+        jax.block_until_ready(smap(fn, 4)(gx, gi, gw, gy))
+        return None
+    return {name: gather(f"k{tag}_{name}", sec, rank, R) for name, sec in local_kernel_times(fn).items()}
+
+
+def timeline_of_last_call(n):
+    """Every rank's kernels in the last call's ``n`` rounds: per rank, per round, {kernel: [start, wait end,
+    end]} in us from the earliest start on any rank (one GPU: one clock; wait end 0 for sends)."""
+    mine = {k: ops[-n:] for k, ops in runtime.ensure(buf).low_latency_timeline().items()}
+    every = [json.loads(t) for t in exchange("ll_timeline", json.dumps(mine), rank, R)]
+    t0 = min(op[0] for st in every for ops in st.values() for op in ops)
+    us = lambda t: round((t - t0) / 1e3, 2) if t else 0.0
+    return [[{k: [us(a) for a in ops[r]] for k, ops in st.items() if r < len(ops)} for r in range(n)] for st in every]
+
+
+# Straight-line rounds: calls of n and 3n rounds. The steady per-launch time, (3n-call sums - n-call sums) over
+# the 2n extra launches, leaves out what a call pays once: its first dispatch waits until the last process has
+# started the call (the processes' hosts start it apart), which the plain n-round average charges to every round.
+n = args.loop
+if not DRY:
+    short = local_kernel_times(rounds_unrolled_of(n))
+    timeline = timeline_of_last_call(n)
+    long = local_kernel_times(rounds_unrolled_of(3 * n))
+    steady = {k: ((long[k] * 3 * n - short[k] * n) / (2 * n) if long[k] is not None and short[k] is not None else None)
+              for k in short}
+    kernel = {name: gather(f"ks_{name}", sec, rank, R) for name, sec in steady.items()}
+    results["kernel_plain_s"] = {name: gather(f"ku_{name}", sec, rank, R) for name, sec in short.items()}
+    results["last_call_timeline_us"] = timeline
+else:
+    kernel = kernel_times(rounds_unrolled_of(n), "u")
 results["kernel_s"] = kernel
 results["kernel_fori_loop_s"] = kernel_times(rounds, "f")
 t_dispatch_jit = gather("dispatch_jit", timed(smap(dispatch_once, 2), gx, gi, repeats=args.repeats), rank, R)
@@ -155,6 +191,11 @@ if kernel and all(v for v in kernel.values()):
                                  # of the receive kernels' time, how long the slowest block waited for peers
                                  dispatch_recv_wait=kernel["dispatch_recv_wait"] * 1e6,
                                  combine_recv_wait=kernel["combine_recv_wait"] * 1e6)
+    plain = results["kernel_plain_s"]
+    summary["latency_plain_us"] = dict(dispatch=(plain["dispatch_send"] + plain["dispatch_recv"]) * 1e6,
+                                       combine=(plain["combine_send"] + plain["combine_recv"]) * 1e6,
+                                       dispatch_recv_wait=plain["dispatch_recv_wait"] * 1e6,
+                                       combine_recv_wait=plain["combine_recv_wait"] * 1e6)
     fori = results["kernel_fori_loop_s"]
     summary["latency_fori_loop_us"] = dict(dispatch=(fori["dispatch_send"] + fori["dispatch_recv"]) * 1e6,
                                            combine=(fori["combine_send"] + fori["combine_recv"]) * 1e6,

@@ -8,7 +8,8 @@ Times (per rank, max over ranks reported):
   op waits for the last process) cancels out; ``op_loop_s`` keeps the plain per-op time of the short call;
 - jit: median wall time of one jitted call of a single op, blocking on each call (latency);
 - jit_pipelined: per call, of back-to-back jitted calls dispatched without blocking (what a loop pays), from
-  runs of 3n and n calls as for op (``jit_pipelined_plain_s``: the n-call run divided by n).
+  runs of 3n and n calls as for op (``jit_pipelined_plain_s``: the n-call run divided by n;
+  ``jit_host_issue_s``: the host's dispatch time per call in the 3n run -- near jit_pipelined, the host sets the pace).
 Bandwidth follows DeepEP: bytes of the received tokens (fp8 counted with its scales) / time, summed over
 ranks; combine counts the same rows in bf16. Rank 0 prints a JSON line and writes it to --out.
 """
@@ -113,13 +114,14 @@ def bench(num_sms, with_fp8):
         t_short = timed_(smap(loop, 3), pre, gi, gw)
         t_op = steady_op(timed_(smap(loop_of(3 * args.loop), 3), pre, gi, gw), t_short, args.loop)
         t_jit = timed_(smap(one, 3), pre, gi, gw)
-        t_pipe, t_pipe_plain = timed_pipelined_steady(smap(one, 3), pre, gi, gw, calls=args.repeats)
+        t_pipe, t_pipe_plain, t_issue = timed_pipelined_steady(smap(one, 3), pre, gi, gw, calls=args.repeats)
         row_bytes = H + 4 * (H // 128) if fp8 else 2 * H
         results[name] = dict(recv_tokens_this_rank=int(n_recv), op_s=gather_max(f"{tag}{name}_op", t_op),
                              op_loop_s=gather_max(f"{tag}{name}_op_loop", t_short / args.loop),
                              jit_s=gather_max(f"{tag}{name}_jit", t_jit),
                              jit_pipelined_s=gather_max(f"{tag}{name}_pipe", t_pipe),
                              jit_pipelined_plain_s=gather_max(f"{tag}{name}_pipe_plain", t_pipe_plain),
+                             jit_host_issue_s=gather_max(f"{tag}{name}_issue", t_issue),
                              row_bytes=row_bytes)
         results[name]["recv_tokens_all_ranks"] = int(gather(f"{tag}{name}/rows", int(n_recv), rank, R, reduce=sum))
         if args.profile:
@@ -154,7 +156,7 @@ def bench(num_sms, with_fp8):
     # the dispatch's own through-jit time.
     rows, handle = smap(lambda x, i, w: (lambda o: (o.x, o.handle))(jax_ep.dispatch(buf, x, i, w)), 3)(gx, gi, gw)
     comb_only = smap(lambda y, h: jax_ep.combine(buf, y, h), 2)
-    t_comb_pipe = timed_pipelined_steady(comb_only, rows, handle, calls=args.repeats)[0]
+    t_comb_pipe, _, t_comb_issue = timed_pipelined_steady(comb_only, rows, handle, calls=args.repeats)
     t_comb_pipe_pair = timed_pipelined_steady(smap(comb_one, 3), gx, gi, gw, calls=args.repeats)[0] - \
         results["dispatch_bf16"]["jit_pipelined_s"]
     del rows, handle
@@ -162,6 +164,7 @@ def bench(num_sms, with_fp8):
                                    op_loop_s=gather_max(f"{tag}combine_op_loop", t_comb_op_loop),
                                    jit_s=gather_max(f"{tag}combine_jit", t_comb_jit),
                                    jit_pipelined_s=gather_max(f"{tag}combine_pipe", t_comb_pipe),
+                                   jit_host_issue_s=gather_max(f"{tag}combine_issue", t_comb_issue),
                                    jit_pipelined_pair_minus_dispatch_s=gather_max(f"{tag}combine_pipe_pair",
                                                                                   t_comb_pipe_pair),
                                    row_bytes=2 * H, recv_tokens_all_ranks=results["dispatch_bf16"]["recv_tokens_all_ranks"])

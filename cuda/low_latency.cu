@@ -59,17 +59,31 @@ __device__ bool last_block_to_finish(unsigned* counter) {
 }
 
 // Kernel-side timing (first block's start to the last block's end), accumulated in device memory and read
-// by benchmarks through the runtime: the only clock that excludes launch and host overhead under MPS.
-__device__ __forceinline__ void stamp_start(const PeerView& v, int kernel) {
-  if (blockIdx.x == 0 && threadIdx.x == 0) field<uint64_t>(v.local, v.ll.timing)[kernel] = global_timer_ns();
+// by benchmarks through the runtime: the only clock that excludes launch and host overhead under MPS. The
+// timeline keeps each kernel's last kLowLatencyTimelineSlots ops (start, wait end, end): every process on
+// one GPU reads the same %globaltimer, so the benchmark can line the ranks up.
+__device__ __forceinline__ uint64_t* timeline_entry(const PeerView& v, int kernel, uint64_t epoch) {
+  return field<uint64_t>(v.local, v.ll.timing) + kLowLatencyTimelineWord +
+         ((epoch % kLowLatencyTimelineSlots) * kLowLatencyKernels + kernel) * 3;
 }
 
-__device__ __forceinline__ void stamp_end(const PeerView& v, int kernel) {  // the last block only
+__device__ __forceinline__ void stamp_start(const PeerView& v, int kernel, uint64_t epoch) {
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    const uint64_t now = global_timer_ns();
+    field<uint64_t>(v.local, v.ll.timing)[kernel] = now;
+    uint64_t* entry = timeline_entry(v, kernel, epoch);
+    entry[0] = now;
+    entry[1] = 0;
+  }
+}
+
+__device__ __forceinline__ void stamp_end(const PeerView& v, int kernel, uint64_t epoch) {  // the last block only
   if (threadIdx.x == 0) {
     uint64_t* t = field<uint64_t>(v.local, v.ll.timing);
     const uint64_t now = global_timer_ns(), start = ld_peer_written(t + kernel);
     t[kLowLatencyKernels + 2 * kernel] += now > start ? now - start : 0;
     t[kLowLatencyKernels + 2 * kernel + 1] += 1;
+    timeline_entry(v, kernel, epoch)[2] = now;
   }
 }
 
@@ -85,14 +99,15 @@ __device__ __forceinline__ void stamp_wait_end(const PeerView& v, int recv_kerne
             static_cast<unsigned long long>(global_timer_ns()));
 }
 
-__device__ __forceinline__ void add_wait_time(const PeerView& v, int recv_kernel, int kernel) {  // the last block
-  if (threadIdx.x == 0) {
+__device__ __forceinline__ void add_wait_time(const PeerView& v, int recv_kernel, int kernel, uint64_t epoch) {
+  if (threadIdx.x == 0) {  // the last block
     uint64_t* w = wait_words(v);
     const uint64_t end = ld_peer_written(w + recv_kernel);
     const uint64_t start = ld_peer_written(field<uint64_t>(v.local, v.ll.timing) + kernel);
     w[2 + 2 * recv_kernel] += end > start ? end - start : 0;
     w[2 + 2 * recv_kernel + 1] += 1;
     w[recv_kernel] = 0;
+    timeline_entry(v, kernel, epoch)[1] = end;
   }
 }
 
@@ -233,11 +248,11 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(PeerView v, 
   const int R = l.num_ranks, E = l.num_experts, E_loc = E / R, K = l.num_topk, H = l.hidden;
   const int T = a.num_tokens, T_max = l.max_tokens, W = (T_max + 31) / 32, me = v.rank;
   trap_if_closed(v);
-  stamp_start(v, kDispatchSendKernel);
+  const uint64_t epoch = ld_peer_written(field<uint64_t>(v.local, l.dispatch_epoch)) + 1;
+  stamp_start(v, kDispatchSendKernel, epoch);
   // The block's first token is loaded now: its latency overlaps the bitmap below instead of following it.
   TokenPrefetch pre;
   if (blockIdx.x < T) prefetch_token(a, blockIdx.x, H, K, E, &pre);
-  const uint64_t epoch = ld_peer_written(field<uint64_t>(v.local, l.dispatch_epoch)) + 1;
   const size_t parity = epoch & 1;
 
   for (int i = threadIdx.x; i < E * W; i += blockDim.x) token_bits[i] = 0;
@@ -322,7 +337,7 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(PeerView v, 
   }
 
   if (last_block_to_finish(field<unsigned>(v.local, l.counters) + kDispatchSendKernel)) {
-    stamp_end(v, kDispatchSendKernel);
+    stamp_end(v, kDispatchSendKernel, epoch);
     for (int id = threadIdx.x; id < E; id += blockDim.x) {
       int count = 0;
       for (int w = 0; w < W; ++w) count += __popc(token_bits[id * W + w]);
@@ -345,8 +360,8 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_recv_kernel(PeerView v, 
   const LowLatencyLayout& l = v.ll;
   const int R = l.num_ranks, E_loc = l.num_experts / R, H = l.hidden, T_max = l.max_tokens, S = R * T_max;
   trap_if_closed(v);
-  stamp_start(v, kDispatchRecvKernel);
   const uint64_t epoch = ticket_epoch(a.ticket);
+  stamp_start(v, kDispatchRecvKernel, epoch);
   const size_t parity = epoch & 1;
   for (int pair = blockIdx.x; pair < E_loc * R; pair += gridDim.x) {
   const int e = pair / R, s = pair % R;
@@ -397,8 +412,8 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_recv_kernel(PeerView v, 
   __syncthreads();  // rows_from is rewritten for the next pair
   }
   if (last_block_to_finish(field<unsigned>(v.local, l.counters) + kDispatchRecvKernel)) {
-    stamp_end(v, kDispatchRecvKernel);
-    add_wait_time(v, 0, kDispatchRecvKernel);
+    stamp_end(v, kDispatchRecvKernel, epoch);
+    add_wait_time(v, 0, kDispatchRecvKernel, epoch);
     if (threadIdx.x < R) st_release_sys(field<uint64_t>(v.peers[threadIdx.x], l.dispatch_done) + v.rank, epoch);
   }
 }
@@ -411,8 +426,8 @@ __global__ void __launch_bounds__(kThreads) ll_combine_send_kernel(PeerView v, L
   const int R = l.num_ranks, H = l.hidden, K = l.num_topk, T_max = l.max_tokens;
   const int S = R * T_max, E_loc = l.num_experts / R;
   trap_if_closed(v);
-  stamp_start(v, kCombineSendKernel);
   const uint64_t epoch = ld_peer_written(field<uint64_t>(v.local, l.combine_epoch)) + 1;
+  stamp_start(v, kCombineSendKernel, epoch);
   const size_t parity = epoch & 1;
   if (threadIdx.x < R) wait_staging_free(v, l.combine_done, epoch, threadIdx.x, kPhaseLowLatencyCombineSend);
   __syncthreads();
@@ -436,7 +451,7 @@ __global__ void __launch_bounds__(kThreads) ll_combine_send_kernel(PeerView v, L
   }
   }
   if (last_block_to_finish(field<unsigned>(v.local, l.counters) + kCombineSendKernel)) {
-    stamp_end(v, kCombineSendKernel);
+    stamp_end(v, kCombineSendKernel, epoch);
     if (threadIdx.x < R) {
       st_release_sys(field<uint64_t>(v.peers[threadIdx.x], l.combine_signal) + parity * R + v.rank, epoch);
     }
@@ -455,8 +470,8 @@ __global__ void __launch_bounds__(kThreads) ll_combine_recv_kernel(PeerView v, L
   const LowLatencyLayout& l = v.ll;
   const int R = l.num_ranks, E = l.num_experts, H = l.hidden, K = l.num_topk, T_max = l.max_tokens;
   trap_if_closed(v);
-  stamp_start(v, kCombineRecvKernel);
   const uint64_t epoch = ticket_epoch(a.ticket);
+  stamp_start(v, kCombineRecvKernel, epoch);
   const size_t parity = epoch & 1;
   if (threadIdx.x < R) {
     wait_flag_geq(v, field<uint64_t>(v.local, l.combine_signal) + parity * R + threadIdx.x, epoch, threadIdx.x,
@@ -511,8 +526,8 @@ __global__ void __launch_bounds__(kThreads) ll_combine_recv_kernel(PeerView v, L
   }
   }
   if (last_block_to_finish(field<unsigned>(v.local, l.counters) + kCombineRecvKernel)) {
-    stamp_end(v, kCombineRecvKernel);
-    add_wait_time(v, 1, kCombineRecvKernel);
+    stamp_end(v, kCombineRecvKernel, epoch);
+    add_wait_time(v, 1, kCombineRecvKernel, epoch);
     if (threadIdx.x < R) st_release_sys(field<uint64_t>(v.peers[threadIdx.x], l.combine_done) + v.rank, epoch);
   }
 }

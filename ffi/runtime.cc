@@ -291,11 +291,15 @@ std::vector<uint64_t> runtime_low_latency_times(int64_t uid, int device, bool re
   DeviceGuard guard(g.device);
   check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
   uint64_t* timing = reinterpret_cast<uint64_t*>(g.local + g.ll.timing);
-  // Per-kernel {ns, launches}, then the receive kernels' latest wait ends (0 between ops) and {ns waited, launches}.
-  std::vector<uint64_t> out(kLowLatencyTimingWords - kLowLatencyKernels);
-  check(cudaMemcpy(out.data(), timing + kLowLatencyKernels, out.size() * sizeof(uint64_t), cudaMemcpyDeviceToHost),
+  // The whole timing area (cuda/low_latency_layout.cuh): start stamps, per-kernel {ns, launches}, the receive
+  // kernels' latest wait ends (0 between ops) and {ns waited, launches}, the timeline. A reset zeroes the sums.
+  std::vector<uint64_t> out(kLowLatencyTimingWords);
+  check(cudaMemcpy(out.data(), timing, out.size() * sizeof(uint64_t), cudaMemcpyDeviceToHost),
         "cudaMemcpy (kernel times)");
-  if (reset) check(cudaMemset(timing + kLowLatencyKernels, 0, out.size() * sizeof(uint64_t)), "cudaMemset");
+  if (reset) {
+    check(cudaMemset(timing + kLowLatencyKernels, 0, (kLowLatencyTimelineWord - kLowLatencyKernels) * sizeof(uint64_t)),
+          "cudaMemset");
+  }
   check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
   return out;
 }

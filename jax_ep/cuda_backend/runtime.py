@@ -195,15 +195,31 @@ class IntranodeRuntime:
         for p in self._procs:
             self._client.blocking_key_value_get(f"{self._prefix}/{name}/{p}", _KV_TIMEOUT_MS)
 
+    _LL_KERNELS = ("dispatch_send", "dispatch_recv", "combine_send", "combine_recv")
+    _LL_TIMELINE_WORD, _LL_TIMELINE_SLOTS = 18, 32   # cuda/low_latency_layout.cuh
+
     def low_latency_kernel_times(self, reset: bool = False) -> dict:
         """Kernel-side seconds per launch of each low-latency kernel on this process's first device (measured on
         the device: first block's start to last block's end), averaged since the last reset."""
         raw = self._ext.low_latency_kernel_times(self.uid, self._devices[0], reset)
-        # raw: {ns, launches} per kernel, two words of in-flight state, then {ns, launches} of the two receive
-        # kernels' waits (kernel start until the last block's signals had all arrived).
-        pairs = {"dispatch_send": 0, "dispatch_recv": 2, "combine_send": 4, "combine_recv": 6,
-                 "dispatch_recv_wait": 10, "combine_recv_wait": 12}
+        # raw: 4 start stamps, {ns, launches} per kernel, two words of in-flight state, {ns, launches} of the two
+        # receive kernels' waits (kernel start until the last block's signals had all arrived), the timeline.
+        pairs = {"dispatch_send": 4, "dispatch_recv": 6, "combine_send": 8, "combine_recv": 10,
+                 "dispatch_recv_wait": 14, "combine_recv_wait": 16}
         return {n: (raw[i] / raw[i + 1] * 1e-9 if raw[i + 1] else None) for n, i in pairs.items()}
+
+    def low_latency_timeline(self) -> dict:
+        """Each low-latency kernel's last ops (up to 32, oldest first) on this process's first device:
+        {kernel: [(start, wait_end, end), ...]} in the GPU's %globaltimer ns (wait_end: when the receive's
+        last block had its peers' signals; 0 for sends). Every process on one GPU reads the same clock, so
+        the ranks' timelines line up; across GPUs the clocks are only roughly aligned."""
+        raw = self._ext.low_latency_kernel_times(self.uid, self._devices[0], False)
+        base, slots, n = self._LL_TIMELINE_WORD, self._LL_TIMELINE_SLOTS, len(self._LL_KERNELS)
+        out = {}
+        for k, name in enumerate(self._LL_KERNELS):
+            ops = [tuple(int(w) for w in raw[base + (s * n + k) * 3: base + (s * n + k) * 3 + 3]) for s in range(slots)]
+            out[name] = sorted((op for op in ops if op[0] and op[2] >= op[0]), key=lambda op: op[0])
+        return out
 
     def diagnostics(self) -> str:
         return self._ext.intranode_diagnostics(self.uid)

@@ -154,14 +154,21 @@ def timed(f, *args, repeats=10):
 def timed_pipelined(f, *args, calls=20):
     """Wall seconds per call of ``calls`` back-to-back calls of ``f(*args)`` dispatched without waiting (as
     a training or decode loop runs them: host dispatch overlaps the device work), blocking once at the end."""
+    return timed_pipelined_issue(f, *args, calls=calls)[0]
+
+
+def timed_pipelined_issue(f, *args, calls=20):
+    """(wall, issue) seconds per call of ``timed_pipelined``'s run; issue: until the host had dispatched the
+    last call. Issue close to wall means the host, not the device, sets the pace."""
     import time
 
     import jax
     jax.block_until_ready(f(*args))
     t0 = time.perf_counter()
     outs = [f(*args) for _ in range(calls)]
+    t_issue = time.perf_counter() - t0
     jax.block_until_ready(outs)
-    return (time.perf_counter() - t0) / calls
+    return (time.perf_counter() - t0) / calls, t_issue / calls
 
 
 def visible_sms():
@@ -175,12 +182,14 @@ def visible_sms():
 
 
 def timed_pipelined_steady(f, *args, calls=20):
-    """(steady, plain) seconds per call of back-to-back calls. steady = (time of 3 x ``calls`` - time of
-    ``calls``) / (2 x ``calls``), so what a run pays once (the processes starting it apart, the final wait)
-    cancels out; plain = the ``calls``-call run divided by ``calls``."""
-    short = timed_pipelined(f, *args, calls=calls)
-    diff = (timed_pipelined(f, *args, calls=3 * calls) * 3 * calls - short * calls) / (2 * calls)
-    return (diff if diff > 0 else short), short   # timing noise (CPU rehearsals): the plain figure
+    """(steady, plain, issue) seconds per call of back-to-back calls. steady = (time of 3 x ``calls`` - time
+    of ``calls``) / (2 x ``calls``), so what a run pays once (the processes starting it apart, the final wait)
+    cancels out; plain = the ``calls``-call run divided by ``calls``; issue: host dispatch per call in the
+    long run (``timed_pipelined_issue``)."""
+    short, _ = timed_pipelined_issue(f, *args, calls=calls)
+    long, issue = timed_pipelined_issue(f, *args, calls=3 * calls)
+    diff = (long * 3 * calls - short * calls) / (2 * calls)
+    return (diff if diff > 0 else short), short, issue   # timing noise (CPU rehearsals): the plain figure
 
 
 def kernel_profile(f, *args, ops=1, trace_dir=None):
