@@ -22,6 +22,6 @@ for name in ${VARIANTS:-$(ls "$ROOT"/.dev/variants)}; do   # VARIANTS="a b": onl
   mkdir -p "$work/.dev" && echo "$(cat "$dir/commit" 2>/dev/null) + ${patch:-no patch} (variant $name)" > "$work/.dev/commit"
   env_lines=$(grep -v '^$' "$dir/env" 2>/dev/null | tr '\n' ' ' || true)
   echo "=== variant $name (commit $(cat "$dir/commit" 2>/dev/null), patch: ${patch:-none}, env: ${env_lines:-none}) ==="
-  (cd "$work" && while IFS= read -r line; do [ -n "$line" ] && export "$line"; done < <(cat "$dir/env" 2>/dev/null) \
+  (cd "$work" && while IFS= read -r line; do [ -z "$line" ] || export "$line"; done < <(cat "$dir/env" 2>/dev/null) \
      && OUT="$OUT/$name" bash benchmarks/device_run.sh "$@" 2>&1 | grep -v -E "GRPC|WatchTasks|UNAVAILABLE" | tail -40)
 done
