@@ -28,6 +28,8 @@ namespace {
 
 using rows::add_bf16x8;
 using rows::block_exclusive_scan;
+using rows::count_tokens_per_rank;
+using rows::store_token_meta;
 using rows::copy_or_zero;
 using rows::send_row;
 
@@ -132,33 +134,8 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_kernel(PeerView v, D
   __syncthreads();
   const uint64_t epoch = s_epoch;
 
-  int my_invalid = 0;
-  for (int t = tid; t < T; t += blockDim.x) {
-    uint64_t mask = 0;
-    for (int k = 0; k < K; ++k) {
-      const int id = a.topk_idx[t * K + k];
-      if (id >= 0 && id < E) {
-        mask |= 1ull << (id / E_loc);
-      } else if (id != -1) {
-        ++my_invalid;
-      }
-    }
-    for (int r = 0; r < R; ++r) a.is_token_in_rank[t * R + r] = (mask >> r) & 1;
-  }
-  if (my_invalid) atomicAdd(&invalid, my_invalid);
-  __syncthreads();
-
-  const int chunk = (T + blockDim.x - 1) / blockDim.x;
-  const int t0 = min(T, tid * chunk), t1 = min(T, t0 + chunk);
-  for (int r = 0; r < R; ++r) {
-    int count = 0;
-    for (int t = t0; t < t1; ++t) count += a.is_token_in_rank[t * R + r];
-    int pos;
-    const int total = block_exclusive_scan<kNotifyThreads>(count, &pos, warp_sums);
-    for (int t = t0; t < t1; ++t) a.send_slot[t * R + r] = a.is_token_in_rank[t * R + r] ? pos++ : -1;
-    if (tid == 0) row[r] = total;
-  }
-  __syncthreads();
+  int t0, t1;
+  count_tokens_per_rank<kNotifyThreads>(a, R, K, row, &invalid, warp_sums, &t0, &t1);
 
   // My row of the count matrix, to every rank: written locally, then put (with the enter signal) from the
   // same symmetric address. The signal doubles as the entry barrier (see enter_all).
@@ -267,21 +244,7 @@ __global__ void __launch_bounds__(kThreads) send_kernel(PeerView v, Rows in, con
       }
       if (s) send_row<int>(s, in.scale_bytes, v, v.layout.recv_scales, v.layout.max_scale_bytes, slot_lo, slot_hi, direct);
       if (topk_idx != nullptr) {
-        uint64_t m = direct;
-        while (m) {
-          const int r = __ffsll(static_cast<long long>(m)) - 1;
-          m &= m - 1;
-          const int slot = __shfl_sync(kFullMask, r < 32 ? slot_lo : slot_hi, r & 31);
-          uint8_t* peer = v.peers[r];
-          if (lane < K) {
-            field<int>(peer, v.layout.recv_idx)[slot * K + lane] = id;
-            field<float>(peer, v.layout.recv_w)[slot * K + lane] = w;
-          }
-          if (lane == 0) {
-            field<int>(peer, v.layout.recv_src)[slot] = v.rank * T_max + t;
-            field<int>(peer, v.layout.recv_fwd)[slot] = -1;
-          }
-        }
+        store_token_meta(v, direct, slot_lo, slot_hi, K, id, w, v.rank * T_max + t, v.layout.recv_fwd, -1);
       }
     }
     for (int m = 0; m < M; ++m) {  // other nodes: one network row each, to the rail peer
@@ -398,21 +361,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(PeerView v, int row_b
     const int id = lane < K ? ld_peer_written(reinterpret_cast<const int*>(row + 16 + 4 * nd.size) + lane) : -1;
     const float w = lane < K ? ld_peer_written(reinterpret_cast<const float*>(row + 16 + 4 * nd.size + 4 * K) + lane)
                              : 0.f;
-    uint64_t rest = dests;
-    while (rest) {
-      const int r = __ffsll(static_cast<long long>(rest)) - 1;
-      rest &= rest - 1;
-      const int slot = __shfl_sync(kFullMask, r < 32 ? slot_lo : slot_hi, r & 31);
-      uint8_t* peer = v.peers[r];
-      if (lane < K) {
-        field<int>(peer, v.layout.recv_idx)[slot * K + lane] = id;
-        field<float>(peer, v.layout.recv_w)[slot * K + lane] = w;
-      }
-      if (lane == 0) {
-        field<int>(peer, v.layout.recv_src)[slot] = (m * nd.size + nd.local) * T_max + t;
-        field<int>(peer, v.layout.recv_fwd)[slot] = m * T_max + j;
-      }
-    }
+    store_token_meta(v, dests, slot_lo, slot_hi, K, id, w, (m * nd.size + nd.local) * T_max + t, v.layout.recv_fwd,
+                     m * T_max + j);
     if (lane == 0 && h.fwd_src != nullptr) {
       h.fwd_src[m * T_max + j] = t;
       h.fwd_mask[m * T_max + j] = static_cast<int>((dests >> nd.base) & ((1ull << nd.size) - 1));  // size <= 31

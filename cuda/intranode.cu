@@ -19,6 +19,8 @@ namespace {
 
 using rows::add_bf16x8;
 using rows::block_exclusive_scan;
+using rows::count_tokens_per_rank;
+using rows::store_token_meta;
 using rows::copy_or_zero;
 using rows::copy_row_and_scales;
 using rows::kUnroll;
@@ -91,35 +93,9 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_dispatch_kernel(Peer
   __syncthreads();
   const uint64_t epoch = s_epoch;
 
-  // Membership: which ranks each token goes to; ids outside [-1, E) are counted and ignored.
-  int my_invalid = 0;
-  for (int t = tid; t < T; t += blockDim.x) {
-    uint64_t mask = 0;
-    for (int k = 0; k < K; ++k) {
-      const int id = a.topk_idx[t * K + k];
-      if (id >= 0 && id < E) {
-        mask |= 1ull << (id / E_loc);
-      } else if (id != -1) {
-        ++my_invalid;
-      }
-    }
-    for (int r = 0; r < R; ++r) a.is_token_in_rank[t * R + r] = (mask >> r) & 1;
-  }
-  if (my_invalid) atomicAdd(&invalid, my_invalid);
-  __syncthreads();
-
-  // Per destination: each token's position among the tokens sent there (a scan over token order).
-  const int chunk = (T + blockDim.x - 1) / blockDim.x;
-  const int t0 = min(T, tid * chunk), t1 = min(T, t0 + chunk);
-  for (int r = 0; r < R; ++r) {
-    int count = 0;
-    for (int t = t0; t < t1; ++t) count += a.is_token_in_rank[t * R + r];
-    int pos;
-    const int total = block_exclusive_scan<kNotifyThreads>(count, &pos, warp_sums);
-    for (int t = t0; t < t1; ++t) a.send_slot[t * R + r] = a.is_token_in_rank[t * R + r] ? pos++ : -1;
-    if (tid == 0) row[r] = total;
-  }
-  __syncthreads();
+  // Membership and each token's position among the tokens sent to each rank (ids outside [-1, E) counted).
+  int t0, t1;
+  count_tokens_per_rank<kNotifyThreads>(a, R, K, row, &invalid, warp_sums, &t0, &t1);
 
   // Publish my row of the count matrix to every rank, then wait for everyone's (this is also the barrier
   // that guarantees each receiver has finished copying out its previous op).
@@ -206,18 +182,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(PeerView v, Row
         if (id < 0 || id >= num_experts) id = -1;
         w = topk_weights[t * K + lane];
       }
-      uint64_t m = dest_mask;
-      while (m) {
-        const int r = __ffsll(static_cast<long long>(m)) - 1;
-        m &= m - 1;
-        const int slot = __shfl_sync(kFullMask, r < 32 ? slot_lo : slot_hi, r & 31);
-        uint8_t* peer = v.peers[r];
-        if (lane < K) {
-          field<int>(peer, v.layout.recv_idx)[slot * K + lane] = id;
-          field<float>(peer, v.layout.recv_w)[slot * K + lane] = w;
-        }
-        if (lane == 0) field<int>(peer, v.layout.recv_src)[slot] = v.rank * v.layout.max_tokens + t;
-      }
+      store_token_meta(v, dest_mask, slot_lo, slot_hi, K, id, w, v.rank * v.layout.max_tokens + t, 0, 0);
     }
   }
   signal_done_when_last_block(v, epoch);

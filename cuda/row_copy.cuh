@@ -148,5 +148,64 @@ __device__ int block_exclusive_scan(int value, int* out_exclusive, int* warp_sum
   return total;
 }
 
+// One block of kBlock threads over this rank's a.num_tokens tokens: which ranks each token goes to
+// (a.is_token_in_rank), each token's position among the tokens sent to rank r, in token order (a.send_slot,
+// -1 where not sent) and row[r], the count per rank. Ids outside [-1, E) are ignored and counted into *invalid
+// (shared, zeroed by the caller). Returns synchronised; [t0, t1) is this thread's chunk of tokens.
+template <int kBlock>
+__device__ void count_tokens_per_rank(const DispatchArgs& a, int R, int K, int* row, int* invalid, int* warp_sums,
+                                      int* t0_out, int* t1_out) {
+  const int T = a.num_tokens, E = a.num_experts, E_loc = E / R, tid = threadIdx.x;
+  int my_invalid = 0;
+  for (int t = tid; t < T; t += blockDim.x) {
+    uint64_t mask = 0;
+    for (int k = 0; k < K; ++k) {
+      const int id = a.topk_idx[t * K + k];
+      if (id >= 0 && id < E) {
+        mask |= 1ull << (id / E_loc);
+      } else if (id != -1) {
+        ++my_invalid;
+      }
+    }
+    for (int r = 0; r < R; ++r) a.is_token_in_rank[t * R + r] = (mask >> r) & 1;
+  }
+  if (my_invalid) atomicAdd(invalid, my_invalid);
+  __syncthreads();
+  const int chunk = (T + blockDim.x - 1) / blockDim.x;
+  const int t0 = min(T, tid * chunk), t1 = min(T, t0 + chunk);
+  for (int r = 0; r < R; ++r) {
+    int count = 0;
+    for (int t = t0; t < t1; ++t) count += a.is_token_in_rank[t * R + r];
+    int pos;
+    const int total = block_exclusive_scan<kBlock>(count, &pos, warp_sums);
+    for (int t = t0; t < t1; ++t) a.send_slot[t * R + r] = a.is_token_in_rank[t * R + r] ? pos++ : -1;
+    if (tid == 0) row[r] = total;
+  }
+  __syncthreads();
+  *t0_out = t0;
+  *t1_out = t1;
+}
+
+// A warp stores its token's metadata into its slot at every rank in `dests`: ids and weights (lanes < K),
+// the source index (lane 0) and, where fwd_area is nonzero, the forwarder's row index there (lane 0).
+__device__ __forceinline__ void store_token_meta(const PeerView& v, uint64_t dests, int slot_lo, int slot_hi, int K,
+                                                 int id, float w, int src, size_t fwd_area, int fwd) {
+  const int lane = threadIdx.x & 31;
+  while (dests) {
+    const int r = __ffsll(static_cast<long long>(dests)) - 1;
+    dests &= dests - 1;
+    const int slot = __shfl_sync(kFullMask, r < 32 ? slot_lo : slot_hi, r & 31);
+    uint8_t* peer = v.peers[r];
+    if (lane < K) {
+      field<int>(peer, v.layout.recv_idx)[slot * K + lane] = id;
+      field<float>(peer, v.layout.recv_w)[slot * K + lane] = w;
+    }
+    if (lane == 0) {
+      field<int>(peer, v.layout.recv_src)[slot] = src;
+      if (fwd_area) field<int>(peer, fwd_area)[slot] = fwd;
+    }
+  }
+}
+
 }  // namespace rows
 }  // namespace jax_ep
