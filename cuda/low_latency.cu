@@ -26,6 +26,11 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
+// The dispatch kernels are built to fit five blocks per SM (48 registers): at 64 registers four blocks filled an
+// SM's register file exactly, so a block of another rank's kernel left on the SM (ranks share SMs under MPS)
+// pushed the grid, sized at four blocks per SM, into a second wave. Measured on the H200: the receive's last
+// block started 7 us (R=2) and 54 us (R=8) after its first.
+constexpr int kDispatchBlocksPerSm = 5;
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kHeaderBytes = 16;
 constexpr float kFp8Max = 448.f;
@@ -64,17 +69,20 @@ __device__ bool last_block_to_finish(unsigned* counter) {
 // one GPU reads the same %globaltimer, so the benchmark can line the ranks up.
 __device__ __forceinline__ uint64_t* timeline_entry(const PeerView& v, int kernel, uint64_t epoch) {
   return field<uint64_t>(v.local, v.ll.timing) + kLowLatencyTimelineWord +
-         ((epoch % kLowLatencyTimelineSlots) * kLowLatencyKernels + kernel) * 3;
+         ((epoch % kLowLatencyTimelineSlots) * kLowLatencyKernels + kernel) * kLowLatencyTimelineEntry;
 }
 
+// Every block: block 0 stamps the kernel's start, every block raises the entry's latest block start (an older
+// op's value in the slot is always earlier, so no reset is needed).
 __device__ __forceinline__ void stamp_start(const PeerView& v, int kernel, uint64_t epoch) {
-  if (blockIdx.x == 0 && threadIdx.x == 0) {
-    const uint64_t now = global_timer_ns();
+  if (threadIdx.x != 0) return;
+  const uint64_t now = global_timer_ns();
+  uint64_t* entry = timeline_entry(v, kernel, epoch);
+  if (blockIdx.x == 0) {
     field<uint64_t>(v.local, v.ll.timing)[kernel] = now;
-    uint64_t* entry = timeline_entry(v, kernel, epoch);
     entry[0] = now;
-    entry[1] = 0;
   }
+  atomicMax(reinterpret_cast<unsigned long long*>(entry + 1), static_cast<unsigned long long>(now));
 }
 
 __device__ __forceinline__ void stamp_end(const PeerView& v, int kernel, uint64_t epoch) {  // the last block only
@@ -83,8 +91,13 @@ __device__ __forceinline__ void stamp_end(const PeerView& v, int kernel, uint64_
     const uint64_t now = global_timer_ns(), start = ld_peer_written(t + kernel);
     t[kLowLatencyKernels + 2 * kernel] += now > start ? now - start : 0;
     t[kLowLatencyKernels + 2 * kernel + 1] += 1;
-    timeline_entry(v, kernel, epoch)[2] = now;
+    timeline_entry(v, kernel, epoch)[3] = now;
   }
+}
+
+// A send's last block: when it reached the finish (before its fence and the signals).
+__device__ __forceinline__ void stamp_mid(const PeerView& v, int kernel, uint64_t epoch, uint64_t when) {
+  if (threadIdx.x == 0) timeline_entry(v, kernel, epoch)[2] = when;
 }
 
 // Receive kernels: how much of the kernel's time went to waiting for peers. Every block stamps the moment its
@@ -107,7 +120,7 @@ __device__ __forceinline__ void add_wait_time(const PeerView& v, int recv_kernel
     w[2 + 2 * recv_kernel] += end > start ? end - start : 0;
     w[2 + 2 * recv_kernel + 1] += 1;
     w[recv_kernel] = 0;
-    timeline_entry(v, kernel, epoch)[1] = end;
+    timeline_entry(v, kernel, epoch)[2] = end;
   }
 }
 
@@ -242,7 +255,7 @@ __device__ __forceinline__ void prefetch_token(const LowLatencyDispatchSendArgs&
   p->id = (threadIdx.x < 32 && lane < K) ? sanitize(a.topk_idx[t * K + lane], E) : -1;
 }
 
-__global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(PeerView v, LowLatencyDispatchSendArgs a) {
+__global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_send_kernel(PeerView v, LowLatencyDispatchSendArgs a) {
   extern __shared__ uint32_t token_bits[];  // [E][W]: bit t set when token t names expert e
   const LowLatencyLayout& l = v.ll;
   const int R = l.num_ranks, E = l.num_experts, E_loc = E / R, K = l.num_topk, H = l.hidden;
@@ -256,11 +269,17 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(PeerView v, 
   const size_t parity = epoch & 1;
 
   for (int i = threadIdx.x; i < E * W; i += blockDim.x) token_bits[i] = 0;
-  if (threadIdx.x < R) wait_staging_free(v, l.dispatch_done, epoch, threadIdx.x, kPhaseLowLatencyDispatchSend);
   __syncthreads();
-  for (int i = threadIdx.x; i < T * K; i += blockDim.x) {
-    const int id = sanitize(a.topk_idx[i], E), t = i / K;
-    if (id >= 0) atomicOr(&token_bits[id * W + (t >> 5)], 1u << (t & 31));
+  // The last warp checks that every destination's staging is free (system-scope loads, the slowest part of
+  // the prologue) while the others build the bitmap.
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (warp == kWarps - 1) {
+    for (int r = lane; r < R; r += 32) wait_staging_free(v, l.dispatch_done, epoch, r, kPhaseLowLatencyDispatchSend);
+  } else {
+    for (int i = threadIdx.x; i < T * K; i += kThreads - 32) {
+      const int id = sanitize(a.topk_idx[i], E), t = i / K;
+      if (id >= 0) atomicOr(&token_bits[id * W + (t >> 5)], 1u << (t & 31));
+    }
   }
   __syncthreads();
 
@@ -268,7 +287,6 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(PeerView v, 
   // thread casts / copies its pieces of the row once and stores them to all of them.
   __shared__ uint8_t* dest_rows[32];
   __shared__ int num_dests;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int payload_bytes = a.use_fp8 ? H : 2 * H;
   const bool round_scale = a.round_scale || a.use_ue8m0;
   for (int t = blockIdx.x; t < T; t += gridDim.x) {
@@ -336,8 +354,10 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(PeerView v, 
     if (t + gridDim.x < T) prefetch_token(a, t + gridDim.x, H, K, E, &pre);
   }
 
+  const uint64_t arrived = global_timer_ns();
   if (last_block_to_finish(field<unsigned>(v.local, l.counters) + kDispatchSendKernel)) {
     stamp_end(v, kDispatchSendKernel, epoch);
+    stamp_mid(v, kDispatchSendKernel, epoch, arrived);
     for (int id = threadIdx.x; id < E; id += blockDim.x) {
       int count = 0;
       for (int w = 0; w < W; ++w) count += __popc(token_bits[id * W + w]);
@@ -355,7 +375,7 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_send_kernel(PeerView v, 
 
 // Blocks stride over (local expert e, source rank s) pairs (one pair per block unless the grid budget is
 // smaller than E).
-__global__ void __launch_bounds__(kThreads) ll_dispatch_recv_kernel(PeerView v, LowLatencyDispatchRecvArgs a) {
+__global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_recv_kernel(PeerView v, LowLatencyDispatchRecvArgs a) {
   __shared__ int rows_from[kMaxPeers];
   const LowLatencyLayout& l = v.ll;
   const int R = l.num_ranks, E_loc = l.num_experts / R, H = l.hidden, T_max = l.max_tokens, S = R * T_max;
@@ -420,7 +440,8 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_recv_kernel(PeerView v, 
 
 // -- combine ----------------------------------------------------------------------------------------------
 
-// Blocks stride over (local expert e, source rank s) pairs: send e's rows from s back to s, slot [token][k].
+// Blocks stride over (local expert e, source rank s != me) pairs: send e's rows from s back to s, slot
+// [token][k]. A rank's answers to its own tokens are not staged: its receive reads them from y.
 __global__ void __launch_bounds__(kThreads) ll_combine_send_kernel(PeerView v, LowLatencyCombineSendArgs a) {
   const LowLatencyLayout& l = v.ll;
   const int R = l.num_ranks, H = l.hidden, K = l.num_topk, T_max = l.max_tokens;
@@ -431,8 +452,8 @@ __global__ void __launch_bounds__(kThreads) ll_combine_send_kernel(PeerView v, L
   const size_t parity = epoch & 1;
   if (threadIdx.x < R) wait_staging_free(v, l.combine_done, epoch, threadIdx.x, kPhaseLowLatencyCombineSend);
   __syncthreads();
-  for (int pair = blockIdx.x; pair < E_loc * R; pair += gridDim.x) {
-  const int e = pair / R, s = pair % R;
+  for (int pair = blockIdx.x; pair < E_loc * (R - 1); pair += gridDim.x) {
+  const int e = pair / (R - 1), s = pair % (R - 1) + (pair % (R - 1) >= v.rank ? 1 : 0);
   // The handle is user-visible data: clamp everything that becomes an address.
   int offset = 0;
   for (int r = 0; r < s; ++r) offset += min(max(a.layout_range[e * R + r], 0), T_max);
@@ -450,8 +471,10 @@ __global__ void __launch_bounds__(kThreads) ll_combine_send_kernel(PeerView v, L
     warp_store_chunk(dst, row_bytes, chunk, v4);
   }
   }
+  const uint64_t arrived = global_timer_ns();
   if (last_block_to_finish(field<unsigned>(v.local, l.counters) + kCombineSendKernel)) {
     stamp_end(v, kCombineSendKernel, epoch);
+    stamp_mid(v, kCombineSendKernel, epoch, arrived);
     if (threadIdx.x < R) {
       st_release_sys(field<uint64_t>(v.peers[threadIdx.x], l.combine_signal) + parity * R + v.rank, epoch);
     }
@@ -463,16 +486,72 @@ __global__ void __launch_bounds__(kThreads) ll_combine_send_kernel(PeerView v, L
   }
 }
 
-// Blocks stride over tokens (at least one block, which also does the handshake when T = 0).
+// Where the answer to (token t, expert id) is, for a token of this rank: the owner's staged slot [t][first k],
+// or, when this rank owns the expert, y's row of it: the dispatch placed this rank's rows for expert e after
+// those of the ranks before it, in token order, so the row is e * S + sum_{s < me} rows(e, s) + slot, slot =
+// this rank's tokens before t naming e (own_bits). Null when the handle says no such row was received (a
+// topk_idx other than the dispatch's; docs/semantics.md): that answer then counts as zero.
+__device__ __forceinline__ const int4* combine_answer_row(const PeerView& v, const LowLatencyCombineRecvArgs& a,
+                                                          const uint32_t* own_bits, size_t parity, int t, int id,
+                                                          int first_k) {
+  const LowLatencyLayout& l = v.ll;
+  const int R = l.num_ranks, E_loc = l.num_experts / R, T_max = l.max_tokens, H = l.hidden, K = l.num_topk;
+  const int W = (T_max + 31) / 32, owner = id / E_loc, e = id % E_loc;
+  if (owner != v.rank) {
+    return reinterpret_cast<const int4*>(v.local + l.combine_stage +
+                                         ((parity * T_max + t) * K + first_k) * static_cast<size_t>(2 * H));
+  }
+  const uint32_t* bits = own_bits + e * W;
+  int slot = __popc(bits[t >> 5] & ((1u << (t & 31)) - 1u));
+  for (int w = 0; w < (t >> 5); ++w) slot += __popc(bits[w]);
+  int offset = 0;
+  for (int r = 0; r < v.rank; ++r) offset += min(max(a.layout_range[e * R + r], 0), T_max);
+  const int rows = min(max(a.layout_range[e * R + v.rank], 0), T_max);
+  if (slot >= rows || offset + slot >= R * T_max) return nullptr;
+  return reinterpret_cast<const int4*>(static_cast<const uint8_t*>(a.y) +
+                                       (static_cast<size_t>(e) * R * T_max + offset + slot) * (2 * H));
+}
+
+// Where token t's K answers are and their weights (threads k < K write answer[k] / weight[k]).
+__device__ __forceinline__ void combine_token_setup(const PeerView& v, const LowLatencyCombineRecvArgs& a,
+                                                    const uint32_t* own_bits, size_t parity, int t,
+                                                    const int4** answer, float* weight) {
+  const int K = v.ll.num_topk, E = v.ll.num_experts;
+  if (threadIdx.x < K) {
+    const int k = threadIdx.x, id = sanitize(a.topk_idx[t * K + k], E);
+    int first = k;
+    for (int j = 0; j < k && id >= 0; ++j) {
+      if (a.topk_idx[t * K + j] == id) {
+        first = j;
+        break;
+      }
+    }
+    answer[k] = id < 0 ? nullptr : combine_answer_row(v, a, own_bits, parity, t, id, first);
+    weight[k] = a.topk_weights[t * K + k];
+  }
+}
+
+// Blocks stride over tokens (at least one block, which also does the handshake when T = 0). Everything that
+// needs no peer -- this rank's slots, where the block's first token's answers are -- is done before the wait.
 __global__ void __launch_bounds__(kThreads) ll_combine_recv_kernel(PeerView v, LowLatencyCombineRecvArgs a) {
-  __shared__ int source_k[32];
+  extern __shared__ uint32_t own_bits[];  // [E_loc][W]: bit t set when this rank's token t names local expert e
+  __shared__ const int4* answer[32];
   __shared__ float weight[32];
   const LowLatencyLayout& l = v.ll;
-  const int R = l.num_ranks, E = l.num_experts, H = l.hidden, K = l.num_topk, T_max = l.max_tokens;
+  const int R = l.num_ranks, E = l.num_experts, E_loc = E / R, H = l.hidden, K = l.num_topk, T_max = l.max_tokens;
+  const int W = (T_max + 31) / 32;
   trap_if_closed(v);
   const uint64_t epoch = ticket_epoch(a.ticket);
   stamp_start(v, kCombineRecvKernel, epoch);
   const size_t parity = epoch & 1;
+  for (int i = threadIdx.x; i < E_loc * W; i += blockDim.x) own_bits[i] = 0;
+  __syncthreads();
+  for (int i = threadIdx.x; i < a.num_tokens * K; i += blockDim.x) {
+    const int id = sanitize(a.topk_idx[i], E), t = i / K;
+    if (id >= 0 && id / E_loc == v.rank) atomicOr(&own_bits[(id % E_loc) * W + (t >> 5)], 1u << (t & 31));
+  }
+  __syncthreads();
+  if (blockIdx.x < a.num_tokens) combine_token_setup(v, a, own_bits, parity, blockIdx.x, answer, weight);
   if (threadIdx.x < R) {
     wait_flag_geq(v, field<uint64_t>(v.local, l.combine_signal) + parity * R + threadIdx.x, epoch, threadIdx.x,
                   kPhaseLowLatencyCombineRecv);
@@ -480,22 +559,12 @@ __global__ void __launch_bounds__(kThreads) ll_combine_recv_kernel(PeerView v, L
   __syncthreads();
   if (threadIdx.x == 0) stamp_wait_end(v, 1);
   for (int t = blockIdx.x; t < a.num_tokens; t += gridDim.x) {
-  __syncthreads();  // source_k / weight of the previous token are no longer read
-  if (threadIdx.x < K) {
-    const int k = threadIdx.x, id = sanitize(a.topk_idx[t * K + k], E);
-    int first = id < 0 ? -1 : k;
-    for (int j = 0; j < k && id >= 0; ++j) {
-      if (a.topk_idx[t * K + j] == id) {
-        first = j;
-        break;
-      }
-    }
-    source_k[k] = first;
-    weight[k] = a.topk_weights[t * K + k];
+  if (t != static_cast<int>(blockIdx.x)) {
+    __syncthreads();  // answer / weight of the previous token are no longer read
+    combine_token_setup(v, a, own_bits, parity, t, answer, weight);
+    __syncthreads();
   }
-  __syncthreads();
   {
-    const uint8_t* rows = v.local + l.combine_stage + (parity * T_max + t) * K * static_cast<size_t>(2 * H);
     int4* out = reinterpret_cast<int4*>(static_cast<uint8_t*>(a.out) + static_cast<size_t>(t) * 2 * H);
     for (int c = threadIdx.x; c < H / 8; c += blockDim.x) {
       float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
@@ -503,13 +572,12 @@ __global__ void __launch_bounds__(kThreads) ll_combine_recv_kernel(PeerView v, L
         int4 raw[4];
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
-          const int src = k0 + u < K ? source_k[k0 + u] : -1;
-          if (src >= 0) raw[u] = ld_peer_written(reinterpret_cast<const int4*>(rows + static_cast<size_t>(src) * 2 * H) + c);
+          const int4* row = k0 + u < K ? answer[k0 + u] : nullptr;
+          if (row != nullptr) raw[u] = ld_peer_written(row + c);
         }
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
-          const int src = k0 + u < K ? source_k[k0 + u] : -1;
-          if (src < 0) continue;  // the reference adds +0: acc + 0.0f == acc for every acc but -0.0
+          if (k0 + u >= K || answer[k0 + u] == nullptr) continue;  // the reference adds +0: acc + 0.0f == acc but for -0.0
           float f[8];
           unpack_bf16x8(raw[u], f);
           const float w = weight[k0 + u];
@@ -593,13 +661,15 @@ cudaError_t launch_low_latency_dispatch_recv(const PeerView& view, const LowLate
 
 cudaError_t launch_low_latency_combine_send(const PeerView& view, const LowLatencyCombineSendArgs& args,
                                             int num_blocks, cudaStream_t stream) {
-  ll_combine_send_kernel<<<capped_grid(view.ll.num_experts, receive_grid(num_blocks)), kThreads, 0, stream>>>(view, args);
+  const int pairs = view.ll.local_experts() * (view.ll.num_ranks - 1);  // its own rank's answers are not sent
+  ll_combine_send_kernel<<<capped_grid(pairs, receive_grid(num_blocks)), kThreads, 0, stream>>>(view, args);
   return cudaGetLastError();
 }
 
 cudaError_t launch_low_latency_combine_recv(const PeerView& view, const LowLatencyCombineRecvArgs& args,
                                             int num_blocks, cudaStream_t stream) {
-  ll_combine_recv_kernel<<<capped_grid(args.num_tokens, receive_grid(num_blocks)), kThreads, 0, stream>>>(view, args);
+  const size_t smem = sizeof(uint32_t) * view.ll.local_experts() * ((view.ll.max_tokens + 31) / 32);
+  ll_combine_recv_kernel<<<capped_grid(args.num_tokens, receive_grid(num_blocks)), kThreads, smem, stream>>>(view, args);
   return cudaGetLastError();
 }
 

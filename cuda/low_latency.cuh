@@ -48,6 +48,8 @@ struct LowLatencyCombineSendArgs {
 
 struct LowLatencyCombineRecvArgs {
   const uint32_t* ticket = nullptr;
+  const void* y = nullptr;             // [E_loc, S, H] bf16: this rank's answers to its own tokens are read here
+  const int32_t* layout_range = nullptr;  // handle [E_loc, R]
   const int32_t* topk_idx = nullptr;   // [T, K]
   const float* topk_weights = nullptr; // [T, K]
   int num_tokens = 0;

@@ -30,8 +30,9 @@ struct LowLatencyLayout {
   size_t counters = 0;         // u32[4]: last-block detection per kernel (local)
   size_t timing = 0;           // u64[4] start stamps, u64[4][2] {sum of ns, launches} per kernel, then for the two
                                // receive kernels u64[2] latest wait end and u64[2][2] {sum of ns waited, launches},
-                               // then the timeline: u64[kLowLatencyTimelineSlots][4][3] {start, wait end (0 for sends), end}
-                               // of each kernel at op epoch % kLowLatencyTimelineSlots
+                               // then the timeline: u64[kLowLatencyTimelineSlots][4][4] {start, latest block start, mid,
+                               // end} of each kernel at op epoch % kLowLatencyTimelineSlots (mid: a receive's wait end,
+                               // a send's last block reaching the finish)
   size_t dispatch_signal = 0;  // u64[2][E_loc][R]: (epoch << 24) | rows, from source rank s for local expert e
   size_t dispatch_done = 0;    // u64[R]: last dispatch epoch rank s finished receiving (s's staging is free)
   size_t combine_signal = 0;   // u64[2][R]: epoch at which owner r finished writing my combine rows
@@ -45,9 +46,10 @@ struct LowLatencyLayout {
 
 inline constexpr int kLowLatencyKernels = 4;  // dispatch send, dispatch recv, combine send, combine recv
 inline constexpr int kLowLatencyTimelineSlots = 32;  // the last 32 ops of each kernel: a whole benchmark call
+inline constexpr int kLowLatencyTimelineEntry = 4;     // words per (op, kernel)
 inline constexpr int kLowLatencyTimelineWord = 3 * kLowLatencyKernels + 2 + 2 * 2;  // first word of the timeline
 inline constexpr int kLowLatencyTimingWords =
-    kLowLatencyTimelineWord + kLowLatencyTimelineSlots * kLowLatencyKernels * 3;  // see LowLatencyLayout::timing
+    kLowLatencyTimelineWord + kLowLatencyTimelineSlots * kLowLatencyKernels * kLowLatencyTimelineEntry;  // see LowLatencyLayout::timing
 inline constexpr int kSignalCountBits = 24;  // rows per (expert, source) < 2^24; the epoch takes the rest
 
 // Layout of the area starting at `base` (256-aligned). Disabled (all zero, end = base) when num_experts = 0.

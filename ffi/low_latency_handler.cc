@@ -181,9 +181,15 @@ ffi::Error CombineSendArgsOf(const char* target, const LowLatencyLayout& l, ffi:
   return ffi::Error::Success();
 }
 
-ffi::Error CombineRecvArgsOf(const char* target, const LowLatencyLayout& l, ffi::Buffer<ffi::S32> topk_idx,
+ffi::Error CombineRecvArgsOf(const char* target, const LowLatencyLayout& l, ffi::AnyBuffer y,
+                             ffi::Buffer<ffi::S32> layout_range, ffi::Buffer<ffi::S32> topk_idx,
                              ffi::Buffer<ffi::F32> topk_weights, ffi::Result<ffi::AnyBuffer> out,
                              LowLatencyCombineRecvArgs* a) {
+  const int64_t E_loc = l.local_experts(), S = int64_t{l.num_ranks} * l.max_tokens;
+  if (y.element_type() != ffi::DataType::BF16 || !Dims(y, {E_loc, S, l.hidden})) {
+    return Fail(target, "y must be bfloat16 [E_loc, R * T_max, H] of the buffer");
+  }
+  if (!Dims(layout_range, {E_loc, l.num_ranks})) return Fail(target, "handle shapes do not match the buffer");
   const auto d = topk_idx.dimensions();
   if (d.size() != 2 || d[0] > l.max_tokens || d[1] != l.num_topk || !Dims(topk_weights, {d[0], d[1]})) {
     return Fail(target, "topk_idx / topk_weights must be [T <= T_max, num_topk]");
@@ -191,6 +197,8 @@ ffi::Error CombineRecvArgsOf(const char* target, const LowLatencyLayout& l, ffi:
   if (out->element_type() != ffi::DataType::BF16 || !Dims(*out, {d[0], l.hidden})) {
     return Fail(target, "result shape does not match the buffer");
   }
+  a->y = y.untyped_data();
+  a->layout_range = layout_range.typed_data();
   a->topk_idx = topk_idx.typed_data();
   a->topk_weights = topk_weights.typed_data();
   a->num_tokens = static_cast<int>(d[0]);
@@ -213,16 +221,16 @@ ffi::Error CombineSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y
   return Launched(kCombineSend, launch_low_latency_combine_send(view, a, num_blocks, stream));
 }
 
-ffi::Error CombineRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::U32> ticket,
-                           ffi::Buffer<ffi::S32> topk_idx, ffi::Buffer<ffi::F32> topk_weights, int64_t uid,
-                           ffi::Result<ffi::AnyBuffer> out) {
+ffi::Error CombineRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::U32> ticket, ffi::AnyBuffer y,
+                           ffi::Buffer<ffi::S32> layout_range, ffi::Buffer<ffi::S32> topk_idx,
+                           ffi::Buffer<ffi::F32> topk_weights, int64_t uid, ffi::Result<ffi::AnyBuffer> out) {
   PeerView view;
   int num_blocks = 0;
   ffi::Error error;
   if (!LowLatencyView(kCombineRecv, uid, device, &view, &num_blocks, &error)) return error;
   if (ticket.element_count() != 2) return Fail(kCombineRecv, "ticket must be uint32 [2]");
   LowLatencyCombineRecvArgs a;
-  error = CombineRecvArgsOf(kCombineRecv, view.ll, topk_idx, topk_weights, out, &a);
+  error = CombineRecvArgsOf(kCombineRecv, view.ll, y, layout_range, topk_idx, topk_weights, out, &a);
   if (error.failure()) return error;
   a.ticket = ticket.typed_data();
   return Launched(kCombineRecv, launch_low_latency_combine_recv(view, a, num_blocks, stream));
@@ -241,7 +249,7 @@ ffi::Error CombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y, ff
   error = CombineSendArgsOf(kCombine, view.ll, y, src_info, layout_range, recv_k, &send);
   if (error.failure()) return error;
   LowLatencyCombineRecvArgs recv;
-  error = CombineRecvArgsOf(kCombine, view.ll, topk_idx, topk_weights, out, &recv);
+  error = CombineRecvArgsOf(kCombine, view.ll, y, layout_range, topk_idx, topk_weights, out, &recv);
   if (error.failure()) return error;
   if (ticket->element_count() != 2) return Fail(kCombine, "ticket must be uint32 [2]");
   send.ticket = ticket->typed_data();
@@ -300,6 +308,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpLowLatencyCombineRecv, jax_ep::CombineRecvImp
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Ctx<ffi::DeviceOrdinal>()
                                   .Arg<ffi::Buffer<ffi::U32>>()     // ticket [2]
+                                  .Arg<ffi::AnyBuffer>()            // y [E_loc, S, H] bf16 (own tokens' answers)
+                                  .Arg<ffi::Buffer<ffi::S32>>()     // layout_range [E_loc, R]
                                   .Arg<ffi::Buffer<ffi::S32>>()     // topk_idx [T, K]
                                   .Arg<ffi::Buffer<ffi::F32>>()     // topk_weights [T, K]
                                   .Attr<int64_t>("uid")

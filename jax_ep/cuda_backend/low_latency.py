@@ -5,7 +5,8 @@ payload rows past ``count[e]`` untouched (writing the R*T_max-row tail would cos
 ``src_info`` marks them -1). A send returns a device-side ticket (the op's epoch) that its receive reads,
 so XLA may place independent work between the two while the transfer proceeds. The handle's private
 arrays are ``recv_k [E_loc, S]`` (the first k of the source token naming the expert: the source's combine
-slot) plus ``src_info`` / ``layout_range`` for the combine send.
+slot) plus ``src_info`` / ``layout_range`` for the combine send. A combine's pending token carries ``y`` and
+``layout_range`` too: a rank's answers to its own tokens are read from y by the receive, never staged.
 """
 
 from __future__ import annotations
@@ -73,14 +74,16 @@ def dispatch(cfg, x, topk_idx):
 def combine_send(cfg, y, arrays):
     (ticket,) = _call("jax_ep_ll_combine_send", (_TICKET,), y, arrays["src_info"], arrays["layout_range"],
                       arrays["recv_k"], uid=cfg.runtime_uid)
-    return dict(ticket=vary_like(ticket, y))
+    # The receive reads a rank's answers to its own tokens from y (the send does not stage them).
+    return dict(ticket=vary_like(ticket, y), y=y, layout_range=arrays["layout_range"])
 
 
 def combine_recv(cfg, pending, topk_idx, topk_weights):
     T = topk_idx.shape[0]
     H = cfg.hidden
     (out,) = _call("jax_ep_ll_combine_recv", (jax.ShapeDtypeStruct((T, H), jnp.bfloat16),), pending["ticket"],
-                   topk_idx, topk_weights.astype(jnp.float32), uid=cfg.runtime_uid)
+                   pending["y"], pending["layout_range"], topk_idx, topk_weights.astype(jnp.float32),
+                   uid=cfg.runtime_uid)
     return vary_like(out, topk_idx)
 
 

@@ -210,15 +210,17 @@ class IntranodeRuntime:
 
     def low_latency_timeline(self) -> dict:
         """Each low-latency kernel's last ops (up to 32, oldest first) on this process's first device:
-        {kernel: [(start, wait_end, end), ...]} in the GPU's %globaltimer ns (wait_end: when the receive's
-        last block had its peers' signals; 0 for sends). Every process on one GPU reads the same clock, so
-        the ranks' timelines line up; across GPUs the clocks are only roughly aligned."""
+        {kernel: [(start, last_block_start, mid, end), ...]} in the GPU's %globaltimer ns: block 0's start,
+        the latest start of any block, mid (a receive: when its last block had its peers' signals; a send:
+        when its last block reached the finish, before the fence and signals) and the last block's end.
+        Every process on one GPU reads the same clock, so the ranks' timelines line up; across GPUs the
+        clocks are only roughly aligned."""
         raw = self._ext.low_latency_kernel_times(self.uid, self._devices[0], False)
-        base, slots, n = self._LL_TIMELINE_WORD, self._LL_TIMELINE_SLOTS, len(self._LL_KERNELS)
+        base, slots, n, w = self._LL_TIMELINE_WORD, self._LL_TIMELINE_SLOTS, len(self._LL_KERNELS), 4
         out = {}
         for k, name in enumerate(self._LL_KERNELS):
-            ops = [tuple(int(w) for w in raw[base + (s * n + k) * 3: base + (s * n + k) * 3 + 3]) for s in range(slots)]
-            out[name] = sorted((op for op in ops if op[0] and op[2] >= op[0]), key=lambda op: op[0])
+            ops = [tuple(int(x) for x in raw[base + (s * n + k) * w: base + (s * n + k) * w + w]) for s in range(slots)]
+            out[name] = sorted((op for op in ops if op[0] and op[3] >= op[0]), key=lambda op: op[0])
         return out
 
     def diagnostics(self) -> str:
