@@ -136,38 +136,21 @@ __device__ void wait_staging_free(const PeerView& v, size_t done_offset, uint64_
   wait_flag_geq(v, done + dest, epoch - 2, dest, phase);
 }
 
-// A warp copies one chunk of a row: up to kChunkBytes (32 lanes x 4 x 16 B, all loads in flight before
-// the stores). Rows are split into chunks so that several warps share a row: the kernels are latency-bound
-// at decode sizes, and short per-warp chains are what keeps them fast.
+// A warp copies one chunk of a row: up to kChunkBytes (32 lanes x 4 x 16 B), every load in flight before
+// the stores (load and store are separate so that other loads can join the round). Rows are split into
+// chunks so that several warps share a row: the kernels are latency-bound at decode sizes, and short
+// per-warp chains are what keeps them fast.
 constexpr int kChunkVecs = 32 * 4;
 constexpr int kChunkBytes = kChunkVecs * 16;
 
 template <bool kPeerWrittenSource>
-__device__ __forceinline__ void warp_copy_chunk(const uint8_t* src, uint8_t* dst, int bytes, int chunk) {
-  const int lane = threadIdx.x & 31, n = bytes / 16, j0 = chunk * kChunkVecs + lane;
-  const int4* in = reinterpret_cast<const int4*>(src);
-  int4* out = reinterpret_cast<int4*>(dst);
-  int4 v[4];
-#pragma unroll
-  for (int u = 0; u < 4; ++u) {
-    const int j = j0 + 32 * u;
-    if (j < n) v[u] = kPeerWrittenSource ? ld_peer_written(in + j) : ld_nc(in + j);
-  }
-#pragma unroll
-  for (int u = 0; u < 4; ++u) {
-    const int j = j0 + 32 * u;
-    if (j < n) out[j] = v[u];
-  }
-}
-
-// warp_copy_chunk<false> in two halves, so that other loads can be issued between them.
 __device__ __forceinline__ void warp_load_chunk(const uint8_t* src, int bytes, int chunk, int4 v[4]) {
   const int n = bytes / 16, j0 = chunk * kChunkVecs + (threadIdx.x & 31);
   const int4* in = reinterpret_cast<const int4*>(src);
 #pragma unroll
   for (int u = 0; u < 4; ++u) {
     const int j = j0 + 32 * u;
-    v[u] = j < n ? ld_nc(in + j) : make_int4(0, 0, 0, 0);
+    v[u] = j < n ? (kPeerWrittenSource ? ld_peer_written(in + j) : ld_nc(in + j)) : make_int4(0, 0, 0, 0);
   }
 }
 
@@ -402,23 +385,42 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_re
   const int payload_bytes = a.use_fp8 ? H : 2 * H;
   const int scale_bytes = a.use_fp8 ? 4 * low_latency_scale_words(H, a.use_ue8m0) : 0;
   const uint8_t* stage = v.local + l.dispatch_stage + ((parity * E_loc + e) * R + s) * T_max * static_cast<size_t>(l.row_stride);
+  // A row's first chunk also carries its header (lane 0) and scales (lanes 1..units, 16- or 4-byte units),
+  // loaded in the same round as the payload: a row costs one dependent load round, not three.
+  const bool wide_scales = scale_bytes % 16 == 0;
+  const int scale_units = scale_bytes / (wide_scales ? 16 : 4);
+  const int units_with_payload = scale_units < 32 ? scale_units : 0;  // larger: copied after the payload
   const int lane = threadIdx.x & 31, chunks = ceil_div(payload_bytes, kChunkBytes);
   for (int item = threadIdx.x >> 5; item < rows * chunks; item += kWarps) {
     const int j = item / chunks, chunk = item % chunks;
     const uint8_t* row = stage + static_cast<size_t>(j) * l.row_stride;
+    const uint8_t* scales_in = row + kHeaderBytes + payload_bytes;
     const size_t out_row = static_cast<size_t>(e) * S + offset + j;
-    warp_copy_chunk<true>(row + kHeaderBytes, static_cast<uint8_t*>(a.out_x) + out_row * payload_bytes,
-                          payload_bytes, chunk);
-    if (chunk == 0) {
+    int4 payload[4], extra = make_int4(0, 0, 0, 0);
+    warp_load_chunk<true>(row + kHeaderBytes, payload_bytes, chunk, payload);
+    if (chunk == 0 && lane <= units_with_payload) {
       if (lane == 0) {
-        const int4 header = ld_peer_written(reinterpret_cast<const int4*>(row));
-        a.out_src_info[out_row] = header.x;
-        a.out_recv_k[out_row] = header.y;
+        extra = ld_peer_written(reinterpret_cast<const int4*>(row));
+      } else if (wide_scales) {
+        extra = ld_peer_written(reinterpret_cast<const int4*>(scales_in) + lane - 1);
+      } else {
+        extra.x = ld_peer_written(reinterpret_cast<const int*>(scales_in) + lane - 1);
       }
-      if (scale_bytes) {
-        warp_copy4_peer_written(row + kHeaderBytes + payload_bytes,
-                                static_cast<uint8_t*>(a.out_scales) + out_row * scale_bytes, scale_bytes);
+    }
+    warp_store_chunk(static_cast<uint8_t*>(a.out_x) + out_row * payload_bytes, payload_bytes, chunk, payload);
+    if (chunk == 0) {
+      uint8_t* scales_out = static_cast<uint8_t*>(a.out_scales) + out_row * scale_bytes;
+      if (lane == 0) {
+        a.out_src_info[out_row] = extra.x;
+        a.out_recv_k[out_row] = extra.y;
+      } else if (lane <= units_with_payload) {
+        if (wide_scales) {
+          reinterpret_cast<int4*>(scales_out)[lane - 1] = extra;
+        } else {
+          reinterpret_cast<int*>(scales_out)[lane - 1] = extra.x;
+        }
       }
+      if (scale_bytes && units_with_payload == 0) warp_copy4_peer_written(scales_in, scales_out, scale_bytes);
     }
   }
   if (s == 0) {
@@ -464,7 +466,7 @@ __global__ void __launch_bounds__(kThreads) ll_combine_send_kernel(PeerView v, L
     const size_t in_row = static_cast<size_t>(e) * S + offset + j;
     // The chunk's loads go out before the handle's (t, k) are read: the two latencies overlap.
     int4 v4[4];
-    warp_load_chunk(static_cast<const uint8_t*>(a.y) + in_row * row_bytes, row_bytes, chunk, v4);
+    warp_load_chunk<false>(static_cast<const uint8_t*>(a.y) + in_row * row_bytes, row_bytes, chunk, v4);
     const int t = a.src_info[in_row], k = a.recv_k[in_row];
     if (t < 0 || t >= T_max || k < 0 || k >= K) continue;
     uint8_t* dst = v.peers[s] + l.combine_stage + ((parity * T_max + t) * K + k) * static_cast<size_t>(row_bytes);
