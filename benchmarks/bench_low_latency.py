@@ -2,14 +2,15 @@
 ``python -m jax_ep.launch --nproc 8 -- python benchmarks/bench_low_latency.py --hbm-bytes-per-s B``.
 
 Per rank, worst rank reported (max over ranks):
-- kernel: device-side time of each kernel (first block's start to last block's end, read from the
-  runtime's counters) per launch in dispatch + combine rounds traced straight-line into one jitted function
-  (as the MoE layers of one decode step are), so every process queues them back to back: from calls of
-  3 x ``--loop`` and ``--loop`` rounds, (sum over the long calls - sum over the short) / the extra launches,
-  so that what a call pays once -- its first receive waits until the last process has started the call --
-  is not charged to every round (``kernel_plain_s``: the plain average over the short calls). The receive
-  kernels include waiting for the slowest sender: that is the op's latency (``*_recv_wait``: from the
-  receive kernel's start until the last of its blocks had every signal it waits for).
+- kernel: device-side time of each kernel (first block's start to last block's end, from the runtime's
+  timeline) in dispatch + combine rounds traced straight-line into one jitted function (as the MoE layers of
+  one decode step are), so every process queues them back to back: the median over ``--repeats`` calls of
+  ``--loop`` rounds, each call's first round left out -- it waits until the last process has started the
+  call -- per rank, max over ranks (``kernel_p90_s``: 90th percentiles). Per-launch means next to it:
+  ``kernel_steady_mean_s`` ((sums over calls of 3 x ``--loop`` rounds - sums over ``--loop`` rounds) / the
+  extra launches) and ``kernel_plain_s`` (the short calls' average, first rounds included). The receive
+  kernels include waiting for the slowest sender: that is the op's latency (``*_recv_wait``: from the receive
+  kernel's start until the last of its blocks had every signal it waits for).
   ``last_call_timeline_us``: every rank's kernels in the last short call, on the GPU's clock.
 - kernel (fori_loop): the same rounds in a ``jax.lax.fori_loop``: between iterations each process's device
   loop may return to its host, and the processes drift apart by whatever their hosts take.
@@ -115,15 +116,36 @@ def matmul_only(m):
 results = {}
 
 
-def local_kernel_times(fn):
-    """This rank's device-side seconds per launch of each kernel over ``repeats`` calls of ``fn``."""
+def local_kernel_times(fn, rounds_per_call=0):
+    """This rank's device-side seconds per launch of each kernel over ``repeats`` calls of ``fn``, and, when
+    ``rounds_per_call`` is given, every call's timeline of its rounds ({kernel: [(start, last block start,
+    mid, end), ...]} per call, read after each call)."""
     f = smap(fn, 4)
     jax.block_until_ready(f(gx, gi, gw, gy))
     rt = runtime.ensure(buf)
     rt.low_latency_kernel_times(reset=True)
+    calls = []
     for _ in range(args.repeats):
         jax.block_until_ready(f(gx, gi, gw, gy))
-    return rt.low_latency_kernel_times()
+        if rounds_per_call:
+            calls.append({k: ops[-rounds_per_call:] for k, ops in rt.low_latency_timeline().items()})
+    return rt.low_latency_kernel_times(), calls
+
+
+def round_statistics(calls):
+    """This rank's median and 90th percentile (seconds) of each kernel's time, and of the receive kernels'
+    wait (start to mid), over every round but each call's first (which waits for the last process to start
+    the call)."""
+    import statistics
+    samples = {}
+    for tl in calls:
+        for k, ops in tl.items():
+            for start, _, mid, end in ops[1:]:
+                samples.setdefault(k, []).append((end - start) * 1e-9)
+                if k.endswith("_recv"):
+                    samples.setdefault(k + "_wait", []).append(max(mid - start, 0) * 1e-9)
+    p90 = lambda v: sorted(v)[min(len(v) - 1, int(0.9 * len(v)))]
+    return ({k: statistics.median(v) for k, v in samples.items()}, {k: p90(v) for k, v in samples.items()})
 
 
 def kernel_times(fn, tag):
@@ -131,12 +153,13 @@ def kernel_times(fn, tag):
     if DRY:
         jax.block_until_ready(smap(fn, 4)(gx, gi, gw, gy))
         return None
-    return {name: gather(f"k{tag}_{name}", sec, rank, R) for name, sec in local_kernel_times(fn).items()}
+    return {name: gather(f"k{tag}_{name}", sec, rank, R) for name, sec in local_kernel_times(fn)[0].items()}
 
 
 def timeline_of_last_call(n):
-    """Every rank's kernels in the last call's ``n`` rounds: per rank, per round, {kernel: [start, wait end,
-    end]} in us from the earliest start on any rank (one GPU: one clock; wait end 0 for sends)."""
+    """Every rank's kernels in the last call's ``n`` rounds: per rank, per round, {kernel: [start, last block
+    start, mid, end]} in us from the earliest start on any rank (one GPU: one clock; mid: a receive's wait
+    end, a send's last block reaching the finish)."""
     mine = {k: ops[-n:] for k, ops in runtime.ensure(buf).low_latency_timeline().items()}
     every = [json.loads(t) for t in exchange("ll_timeline", json.dumps(mine), rank, R)]
     t0 = min(op[0] for st in every for ops in st.values() for op in ops)
@@ -144,17 +167,21 @@ def timeline_of_last_call(n):
     return [[{k: [us(a) for a in ops[r]] for k, ops in st.items() if r < len(ops)} for r in range(n)] for st in every]
 
 
-# Straight-line rounds: calls of n and 3n rounds. The steady per-launch time, (3n-call sums - n-call sums) over
-# the 2n extra launches, leaves out what a call pays once: its first dispatch waits until the last process has
-# started the call (the processes' hosts start it apart), which the plain n-round average charges to every round.
+# Straight-line rounds, ``repeats`` calls of n rounds. Headline: each kernel's median over rounds (every call's
+# first round left out: it waits until the last process has started the call, as the processes' hosts start it
+# apart), per rank, max over ranks; p90 next to it. Also the per-launch means: steady, from calls of 3n and n
+# rounds ((3n-call sums - n-call sums) over the 2n extra launches), and plain (the n-round calls' average).
 n = args.loop
 if not DRY:
-    short = local_kernel_times(rounds_unrolled_of(n))
+    short, calls = local_kernel_times(rounds_unrolled_of(n), rounds_per_call=min(n, 32))
     timeline = timeline_of_last_call(n)
-    long = local_kernel_times(rounds_unrolled_of(3 * n))
+    median, p90 = round_statistics(calls)
+    long, _ = local_kernel_times(rounds_unrolled_of(3 * n))
     steady = {k: ((long[k] * 3 * n - short[k] * n) / (2 * n) if long[k] is not None and short[k] is not None else None)
               for k in short}
-    kernel = {name: gather(f"ks_{name}", sec, rank, R) for name, sec in steady.items()}
+    kernel = {name: gather(f"km_{name}", sec, rank, R) for name, sec in median.items()}
+    results["kernel_p90_s"] = {name: gather(f"kp_{name}", sec, rank, R) for name, sec in p90.items()}
+    results["kernel_steady_mean_s"] = {name: gather(f"ks_{name}", sec, rank, R) for name, sec in steady.items()}
     results["kernel_plain_s"] = {name: gather(f"ku_{name}", sec, rank, R) for name, sec in short.items()}
     results["last_call_timeline_us"] = timeline
 else:
@@ -183,7 +210,7 @@ summary = dict(config=dict(ranks=R, physical_gpus=G, tokens=T, hidden=H, topk=K,
                            sms_visible=visible_sms()),
                device=jax.devices()[0].device_kind, hbm_copy_bytes_per_s=args.hbm_bytes_per_s, results=results,
                floor_bytes=dict(dispatch=floor_dispatch, combine=floor_combine))
-if kernel and all(v for v in kernel.values()):
+if kernel and all(v is not None for v in kernel.values()):
     t_d = kernel["dispatch_send"] + kernel["dispatch_recv"]
     t_c = kernel["combine_send"] + kernel["combine_recv"]
     summary["latency_us"] = dict(dispatch=t_d * 1e6, combine=t_c * 1e6, dispatch_send=kernel["dispatch_send"] * 1e6,
@@ -191,16 +218,14 @@ if kernel and all(v for v in kernel.values()):
                                  # of the receive kernels' time, how long the slowest block waited for peers
                                  dispatch_recv_wait=kernel["dispatch_recv_wait"] * 1e6,
                                  combine_recv_wait=kernel["combine_recv_wait"] * 1e6)
-    plain = results["kernel_plain_s"]
-    summary["latency_plain_us"] = dict(dispatch=(plain["dispatch_send"] + plain["dispatch_recv"]) * 1e6,
-                                       combine=(plain["combine_send"] + plain["combine_recv"]) * 1e6,
-                                       dispatch_recv_wait=plain["dispatch_recv_wait"] * 1e6,
-                                       combine_recv_wait=plain["combine_recv_wait"] * 1e6)
-    fori = results["kernel_fori_loop_s"]
-    summary["latency_fori_loop_us"] = dict(dispatch=(fori["dispatch_send"] + fori["dispatch_recv"]) * 1e6,
-                                           combine=(fori["combine_send"] + fori["combine_recv"]) * 1e6,
-                                           dispatch_recv_wait=fori["dispatch_recv_wait"] * 1e6,
-                                           combine_recv_wait=fori["combine_recv_wait"] * 1e6)
+    def op_us(k):   # {dispatch, combine, their receive waits} in us from per-kernel seconds
+        return dict(dispatch=(k["dispatch_send"] + k["dispatch_recv"]) * 1e6,
+                    combine=(k["combine_send"] + k["combine_recv"]) * 1e6,
+                    dispatch_recv_wait=k["dispatch_recv_wait"] * 1e6, combine_recv_wait=k["combine_recv_wait"] * 1e6)
+    summary["latency_p90_us"] = op_us(results["kernel_p90_s"])
+    summary["latency_steady_mean_us"] = op_us(results["kernel_steady_mean_s"])
+    summary["latency_plain_us"] = op_us(results["kernel_plain_s"])
+    summary["latency_fori_loop_us"] = op_us(results["kernel_fori_loop_s"])
     summary["GBps_per_rank"] = dict(dispatch=sel / R * fp8_msg / t_d / 1e9, combine=sel / R * bf16_msg / t_c / 1e9)
     if B:
         summary["ratio_to_hbm_floor"] = dict(dispatch=t_d / (floor_dispatch / B), combine=t_c / (floor_combine / B))
