@@ -15,6 +15,7 @@
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "cuda/common.cuh"
@@ -454,15 +455,19 @@ __global__ void __launch_bounds__(kThreads) ll_combine_send_kernel(PeerView v, L
   const size_t parity = epoch & 1;
   if (threadIdx.x < R) wait_staging_free(v, l.combine_done, epoch, threadIdx.x, kPhaseLowLatencyCombineSend);
   __syncthreads();
-  for (int pair = blockIdx.x; pair < E_loc * (R - 1); pair += gridDim.x) {
+  // A grid of at least twice the pairs splits each pair's rows over gridDim / pairs blocks (the launcher's choice).
+  const int pairs = E_loc * (R - 1), splits = pairs > 0 && gridDim.x >= 2 * pairs ? gridDim.x / pairs : 1;
+  for (int unit = blockIdx.x; unit < pairs * splits; unit += gridDim.x) {
+  const int pair = unit / splits, part = unit % splits;
   const int e = pair / (R - 1), s = pair % (R - 1) + (pair % (R - 1) >= v.rank ? 1 : 0);
   // The handle is user-visible data: clamp everything that becomes an address.
   int offset = 0;
   for (int r = 0; r < s; ++r) offset += min(max(a.layout_range[e * R + r], 0), T_max);
   const int rows = min(min(max(a.layout_range[e * R + s], 0), T_max), max(S - offset, 0));
+  const int first = rows * part / splits, mine = rows * (part + 1) / splits - first;
   const int row_bytes = 2 * H, chunks = ceil_div(row_bytes, kChunkBytes);
-  for (int item = threadIdx.x >> 5; item < rows * chunks; item += kWarps) {
-    const int j = item / chunks, chunk = item % chunks;
+  for (int item = threadIdx.x >> 5; item < mine * chunks; item += kWarps) {
+    const int j = first + item / chunks, chunk = item % chunks;
     const size_t in_row = static_cast<size_t>(e) * S + offset + j;
     // The chunk's loads go out before the handle's (t, k) are read: the two latencies overlap.
     int4 v4[4];
@@ -607,6 +612,8 @@ __global__ void __launch_bounds__(kThreads) ll_combine_recv_kernel(PeerView v, L
 // below the budget.
 int receive_grid(int num_blocks) { return num_blocks; }
 
+constexpr int kCombineSendSplits = 4;
+
 int capped_grid(int wanted, int budget) { return wanted < 1 ? 1 : (budget > 0 && wanted > budget ? budget : wanted); }
 
 }  // namespace
@@ -663,8 +670,11 @@ cudaError_t launch_low_latency_dispatch_recv(const PeerView& view, const LowLate
 
 cudaError_t launch_low_latency_combine_send(const PeerView& view, const LowLatencyCombineSendArgs& args,
                                             int num_blocks, cudaStream_t stream) {
-  const int pairs = view.ll.local_experts() * (view.ll.num_ranks - 1);  // its own rank's answers are not sent
-  ll_combine_send_kernel<<<capped_grid(pairs, receive_grid(num_blocks)), kThreads, 0, stream>>>(view, args);
+  // Its own rank's answers are not sent. Where the budget allows, each pair's rows are split over up to
+  // kCombineSendSplits blocks: at R=2 one block per pair left each block four dependent load rounds.
+  const int pairs = view.ll.local_experts() * (view.ll.num_ranks - 1);
+  const int splits = pairs > 0 ? std::max(1, std::min(kCombineSendSplits, num_blocks / pairs)) : 1;
+  ll_combine_send_kernel<<<capped_grid(pairs * splits, receive_grid(num_blocks)), kThreads, 0, stream>>>(view, args);
   return cudaGetLastError();
 }
 
