@@ -13,7 +13,9 @@ here: JAX_EP_COORDINATOR, JAX_EP_NUM_PROCESSES, JAX_EP_PROCESS_ID.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import random
 import shutil
 import signal
 import socket
@@ -22,6 +24,7 @@ import sys
 import tempfile
 import time
 
+_LOWEST_PORT = 10000   # coordinator ports are drawn from [_LOWEST_PORT, start of the ephemeral range)
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "NVSHMEM_DISABLE_NVLS": "1", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
             "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
 
@@ -56,8 +59,42 @@ def _sm_percent(ranks_per_gpu: int) -> int:
     return int(given)
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    """The range the kernel hands out to outgoing connections (Linux; its default elsewhere)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo, hi = (int(v) for v in f.read().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def _bindable(port: int) -> bool:
+    """Whether a listener can bind ``port`` on every address now, as JAX's coordinator does ([::], 0.0.0.0)."""
+    for family, address in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.bind((address, port))
+        except OSError as e:
+            if family == socket.AF_INET6 and e.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                continue  # no IPv6 on this host
+            return False
+    return True
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
+    """A port for the coordinator, below the ephemeral range: a port the kernel picks (bind to port 0) is free
+    only until the coordinator binds it, and an outgoing connection of another process took one in that window
+    once (a GPU-suite launch failed with "Address already in use"). Outgoing connections never get ports
+    below the range; a listener there is caught by the probe."""
+    lo, _ = _ephemeral_ports()
+    if lo > _LOWEST_PORT + 1000:
+        rng = random.SystemRandom()
+        for _ in range(200):
+            port = rng.randrange(_LOWEST_PORT, lo)
+            if _bindable(port):
+                return port
+    with socket.socket() as s:  # unusual port ranges: the kernel's choice
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

@@ -60,3 +60,19 @@ def test_auto_transport_takes_nvshmem_only_where_every_process_can():
     assert not use_symmetric("auto", 1, **part)                               # the heap is collective over all
     assert use_symmetric("nvshmem", 1, **mixed)                               # asked for: the runtime explains why not
     assert use_symmetric("ipc", 2, **launcher, heap_free=None)                # internode mode always is symmetric
+
+
+def test_coordinator_port_is_outside_the_ephemeral_range_and_free():
+    """The launcher's coordinator port: never one the kernel may hand to an outgoing connection meanwhile,
+    and bindable on every address (what JAX's coordinator binds)."""
+    import socket
+    lo, hi = launch._ephemeral_ports()
+    for _ in range(20):
+        port = launch._free_port()
+        assert launch._bindable(port)
+        if lo > launch._LOWEST_PORT + 1000:
+            assert launch._LOWEST_PORT <= port < lo
+    with socket.socket() as s:   # a port somebody listens on is never offered
+        s.bind(("0.0.0.0", port))
+        s.listen()
+        assert not launch._bindable(port)
