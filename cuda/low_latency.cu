@@ -66,7 +66,7 @@ __device__ bool last_block_to_finish(unsigned* counter) {
 
 // Kernel-side timing (first block's start to the last block's end), accumulated in device memory and read
 // by benchmarks through the runtime: the only clock that excludes launch and host overhead under MPS. The
-// timeline keeps each kernel's last kLowLatencyTimelineSlots ops (start, wait end, end): every process on
+// timeline keeps each kernel's last kLowLatencyTimelineSlots ops (start, latest block start, mid, end): every process on
 // one GPU reads the same %globaltimer, so the benchmark can line the ranks up.
 __device__ __forceinline__ uint64_t* timeline_entry(const PeerView& v, int kernel, uint64_t epoch) {
   return field<uint64_t>(v.local, v.ll.timing) + kLowLatencyTimelineWord +
