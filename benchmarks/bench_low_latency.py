@@ -30,7 +30,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from tests.gpu.harness import (bench_arguments, emit_result, exchange, gather, global_array, log,  # noqa: E402
-                               physical_gpus, setup, timed, timed_pipelined, visible_sms)
+                               physical_gpus, round_statistics, setup, timed, timed_pipelined, visible_sms)
 
 p = bench_arguments(tokens=128, loop=20)
 args = p.parse_args()
@@ -130,22 +130,6 @@ def local_kernel_times(fn, rounds_per_call=0):
         if rounds_per_call:
             calls.append({k: ops[-rounds_per_call:] for k, ops in rt.low_latency_timeline().items()})
     return rt.low_latency_kernel_times(), calls
-
-
-def round_statistics(calls):
-    """This rank's median and 90th percentile (seconds) of each kernel's time, and of the receive kernels'
-    wait (start to mid), over every round but each call's first (which waits for the last process to start
-    the call)."""
-    import statistics
-    samples = {}
-    for tl in calls:
-        for k, ops in tl.items():
-            for start, _, mid, end in ops[1:]:
-                samples.setdefault(k, []).append((end - start) * 1e-9)
-                if k.endswith("_recv"):
-                    samples.setdefault(k + "_wait", []).append(max(mid - start, 0) * 1e-9)
-    p90 = lambda v: sorted(v)[min(len(v) - 1, int(0.9 * len(v)))]
-    return ({k: statistics.median(v) for k, v in samples.items()}, {k: p90(v) for k, v in samples.items()})
 
 
 def kernel_times(fn, tag):

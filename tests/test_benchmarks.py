@@ -333,3 +333,38 @@ def test_ipc_scatter_plan_matches_the_kernels_slots():
             t = np.flatnonzero(slots[:, d] >= 0)
             np.testing.assert_array_equal(pull[slots[t, d]], s * T + t)
     assert all((s >= 0).any(axis=1).all() for s, _ in plans)        # every token goes somewhere (top-8 of 256)
+
+
+def test_low_latency_round_statistics_leave_out_each_calls_first_round():
+    """The low-latency benchmark's headline: medians over rounds, every call's first round (which waits for the
+    last process to start the call) left out; receive waits from start to mid."""
+    sys.path.insert(0, ROOT)
+    from tests.gpu.harness import round_statistics
+    us = 1000
+    call = {"dispatch_send": [(0, 0, 5 * us, 10 * us), (100 * us, 100 * us, 105 * us, 110 * us),
+                              (200 * us, 200 * us, 205 * us, 230 * us)],
+            "dispatch_recv": [(10 * us, 10 * us, 900 * us, 1000 * us), (110 * us, 111 * us, 115 * us, 130 * us),
+                              (230 * us, 230 * us, 240 * us, 250 * us)]}
+    median, p90 = round_statistics([call, call])
+    assert median["dispatch_send"] == pytest.approx(20e-6)       # rounds 2-3 of each call: 10 and 30 us
+    assert median["dispatch_recv"] == pytest.approx(20e-6)       # 20 and 20 us; the 990 us first round is out
+    assert median["dispatch_recv_wait"] == pytest.approx(7.5e-6)  # 5 and 10 us
+    assert p90["dispatch_send"] == pytest.approx(30e-6)
+
+
+def test_low_latency_timeline_words():
+    """The runtime's timeline parser: slot s, kernel k at word 18 + (s * 4 + k) * 4; incomplete slots dropped,
+    ops oldest first."""
+    from jax_ep.cuda_backend.runtime import IntranodeRuntime
+    raw = [0] * (18 + 32 * 4 * 4)
+    def put(slot, kernel, words):
+        at = 18 + (slot * 4 + kernel) * 4
+        raw[at:at + 4] = words
+    put(3, 1, [500, 510, 520, 600])     # dispatch_recv, newer
+    put(2, 1, [100, 110, 120, 200])     # dispatch_recv, older
+    put(4, 1, [700, 700, 0, 650])       # still running: its end is an older op's
+    put(2, 2, [300, 300, 310, 400])     # combine_send
+    tl = IntranodeRuntime.timeline_from_words(raw)
+    assert tl["dispatch_recv"] == [(100, 110, 120, 200), (500, 510, 520, 600)]
+    assert tl["combine_send"] == [(300, 300, 310, 400)]
+    assert tl["dispatch_send"] == [] and tl["combine_recv"] == []

@@ -215,10 +215,15 @@ class IntranodeRuntime:
         when its last block reached the finish, before the fence and signals) and the last block's end.
         Every process on one GPU reads the same clock, so the ranks' timelines line up; across GPUs the
         clocks are only roughly aligned."""
-        raw = self._ext.low_latency_kernel_times(self.uid, self._devices[0], False)
-        base, slots, n, w = self._LL_TIMELINE_WORD, self._LL_TIMELINE_SLOTS, len(self._LL_KERNELS), 4
+        return self.timeline_from_words(self._ext.low_latency_kernel_times(self.uid, self._devices[0], False))
+
+    @classmethod
+    def timeline_from_words(cls, raw) -> dict:
+        """``low_latency_timeline`` from the timing area's words: each kernel's complete ops, oldest first (a
+        slot whose op is still running, or never ran, has no end at or after its start)."""
+        base, slots, n, w = cls._LL_TIMELINE_WORD, cls._LL_TIMELINE_SLOTS, len(cls._LL_KERNELS), 4
         out = {}
-        for k, name in enumerate(self._LL_KERNELS):
+        for k, name in enumerate(cls._LL_KERNELS):
             ops = [tuple(int(x) for x in raw[base + (s * n + k) * w: base + (s * n + k) * w + w]) for s in range(slots)]
             out[name] = sorted((op for op in ops if op[0] and op[3] >= op[0]), key=lambda op: op[0])
         return out

@@ -171,6 +171,22 @@ def timed_pipelined_issue(f, *args, calls=20):
     return (time.perf_counter() - t0) / calls, t_issue / calls
 
 
+def round_statistics(calls):
+    """Low-latency benchmark: this rank's median and 90th percentile (seconds) of each kernel's time, and of
+    the receive kernels' wait (start to mid), over every round but each call's first (which waits for the last
+    process to start the call). ``calls``: per call, {kernel: [(start, last block start, mid, end) ns, ...]}."""
+    import statistics
+    samples = {}
+    for tl in calls:
+        for k, ops in tl.items():
+            for start, _, mid, end in ops[1:]:
+                samples.setdefault(k, []).append((end - start) * 1e-9)
+                if k.endswith("_recv"):
+                    samples.setdefault(k + "_wait", []).append(max(mid - start, 0) * 1e-9)
+    p90 = lambda v: sorted(v)[min(len(v) - 1, int(0.9 * len(v)))]
+    return ({k: statistics.median(v) for k, v in samples.items()}, {k: p90(v) for k, v in samples.items()})
+
+
 def visible_sms():
     """SMs the first device reports to this process (None where it does not say): under MPS, whether the
     client's share shows here decides how the kernels' grids are sized."""
