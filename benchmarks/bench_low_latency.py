@@ -156,13 +156,17 @@ def timeline_of_last_call(n):
 # apart), per rank, max over ranks; p90 next to it. Also the per-launch means: steady, from calls of 3n and n
 # rounds ((3n-call sums - n-call sums) over the 2n extra launches), and plain (the n-round calls' average).
 n = args.loop
+if n < 2:
+    p.error("--loop must be at least 2: each call's first round is left out of the medians")
 if not DRY:
-    short, calls = local_kernel_times(rounds_unrolled_of(n), rounds_per_call=min(n, 32))
-    timeline = timeline_of_last_call(n)
-    median, p90 = round_statistics(calls)
+    window = min(n, 32)   # the timeline holds each kernel's last 32 ops
+    short, calls = local_kernel_times(rounds_unrolled_of(n), rounds_per_call=window)
+    timeline = timeline_of_last_call(window)
+    median, p90 = round_statistics(calls, skip_first=window == n)
     long, _ = local_kernel_times(rounds_unrolled_of(3 * n))
-    steady = {k: ((long[k] * 3 * n - short[k] * n) / (2 * n) if long[k] is not None and short[k] is not None else None)
-              for k in short}
+    # A difference swamped by noise (one slow call) falls back to the plain mean, as timed_pipelined_steady does.
+    steady = {k: (max((long[k] * 3 * n - short[k] * n) / (2 * n), 0.0) or short[k])
+              for k in short if long[k] is not None and short[k] is not None}
     kernel = {name: gather(f"km_{name}", sec, rank, R) for name, sec in median.items()}
     results["kernel_p90_s"] = {name: gather(f"kp_{name}", sec, rank, R) for name, sec in p90.items()}
     results["kernel_steady_mean_s"] = {name: gather(f"ks_{name}", sec, rank, R) for name, sec in steady.items()}

@@ -1,15 +1,16 @@
 // Low-latency (decode) dispatch / combine kernels (protocol in low_latency.cuh, memory in
-// low_latency_layout.cuh).
+// low_latency_layout.cuh; the design and its measurements in docs/low_latency.md).
 //
-// Dispatch send: one warp per (token, distinct expert): it reads the bf16 token (L2-resident: the
-// K warps of a token share it), casts it to fp8 if asked (the exact recipe of jax_ep.fp8) and stores the
-// row, with a 16-byte header {token, k}, into the owner's staging slot for (expert, me). The slot is
-// the token's rank among this rank's tokens for that expert, read off a per-block bitmap, so rows land
-// in token order with no atomics. The last block to finish raises one signal per (expert, owner) carrying
-// the row count. Dispatch receive: one block per (local expert, source rank) waits for that expert's
-// signals, and copies its rows to offset sum_{s' < s} count(s') of the expert's output rows.
-// Combine mirrors it: the owner writes each answer into the source's slot [token][k]; the source sums
-// w[t, k] * y in f32 in ascending k (the reference's order).
+// Dispatch send: one block per token: warp 0 finds the token's distinct experts and their slots (the token's
+// rank among this rank's tokens for that expert, read off a per-block bitmap, so rows land in token order
+// with no atomics); every thread casts its pieces of the bf16 row to fp8 once if asked (the exact recipe of
+// jax_ep.fp8) and stores them, with a 16-byte header {token, k}, into each owner's staging slot for
+// (expert, me). The last block to finish raises one signal per (expert, owner) carrying the row count.
+// Dispatch receive: blocks stride over (local expert, source rank) pairs, wait for that expert's signals and
+// copy its rows to offset sum_{s' < s} count(s') of the expert's output rows.
+// Combine mirrors it: the owner writes each answer to another rank's token into that rank's slot
+// [token][k]; the source sums w[t, k] * y in f32 in ascending k (the reference's order), reading its own
+// tokens' answers straight from y.
 
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
@@ -27,10 +28,11 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-// The dispatch kernels are built to fit five blocks per SM (48 registers): at 64 registers four blocks filled an
-// SM's register file exactly, so a block of another rank's kernel left on the SM (ranks share SMs under MPS)
-// pushed the grid, sized at four blocks per SM, into a second wave. Measured on the H200: the receive's last
-// block started 7 us (R=2) and 54 us (R=8) after its first.
+// The dispatch kernels are built to fit five blocks per SM (48 registers, a few dozen bytes spilled): at 64
+// registers four blocks filled an SM's register file exactly, so a block of another rank's kernel left on the
+// SM (ranks share SMs under MPS) pushed the grid, sized at four blocks per SM, into a second wave. Measured on
+// the H200 (medians over rounds): the receive's last block started 7.5 us (R=2) and 39 us (R=8) after its
+// first, the R=8 send's 21.5 us; at five blocks per SM 0.1-0.4 us (R=8 p90 still 22-37 us for the receive).
 constexpr int kDispatchBlocksPerSm = 5;
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kHeaderBytes = 16;
@@ -64,7 +66,7 @@ __device__ bool last_block_to_finish(unsigned* counter) {
   return s_last;
 }
 
-// Kernel-side timing (first block's start to the last block's end), accumulated in device memory and read
+// Kernel-side timing (block 0's start to the last block's end), accumulated in device memory and read
 // by benchmarks through the runtime: the only clock that excludes launch and host overhead under MPS. The
 // timeline keeps each kernel's last kLowLatencyTimelineSlots ops (start, latest block start, mid, end): every process on
 // one GPU reads the same %globaltimer, so the benchmark can line the ranks up.

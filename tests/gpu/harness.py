@@ -171,15 +171,16 @@ def timed_pipelined_issue(f, *args, calls=20):
     return (time.perf_counter() - t0) / calls, t_issue / calls
 
 
-def round_statistics(calls):
+def round_statistics(calls, skip_first=True):
     """Low-latency benchmark: this rank's median and 90th percentile (seconds) of each kernel's time, and of
     the receive kernels' wait (start to mid), over every round but each call's first (which waits for the last
-    process to start the call). ``calls``: per call, {kernel: [(start, last block start, mid, end) ns, ...]}."""
+    process to start the call; ``skip_first=False`` when the rounds given are not the call's first ones).
+    ``calls``: per call, {kernel: [(start, last block start, mid, end) ns, ...]}."""
     import statistics
     samples = {}
     for tl in calls:
         for k, ops in tl.items():
-            for start, _, mid, end in ops[1:]:
+            for start, _, mid, end in ops[1 if skip_first else 0:]:
                 samples.setdefault(k, []).append((end - start) * 1e-9)
                 if k.endswith("_recv"):
                     samples.setdefault(k + "_wait", []).append(max(mid - start, 0) * 1e-9)
