@@ -199,16 +199,19 @@ summary = dict(config=dict(ranks=R, physical_gpus=G, tokens=T, hidden=H, topk=K,
                device=jax.devices()[0].device_kind, hbm_copy_bytes_per_s=args.hbm_bytes_per_s, results=results,
                floor_bytes=dict(dispatch=floor_dispatch, combine=floor_combine))
 if kernel and all(v is not None for v in kernel.values()):
-    t_d = kernel["dispatch_send"] + kernel["dispatch_recv"]
-    t_c = kernel["combine_send"] + kernel["combine_recv"]
+    # An op's kernel time: its send and receive kernels' times, any overlap counted once (round_statistics); the
+    # sum of the two where only per-kernel figures exist (the loop and per-launch means).
+    op_time = lambda k, op: k[op] if op in k else k[op + "_send"] + k[op + "_recv"]
+    t_d, t_c = op_time(kernel, "dispatch"), op_time(kernel, "combine")
     summary["latency_us"] = dict(dispatch=t_d * 1e6, combine=t_c * 1e6, dispatch_send=kernel["dispatch_send"] * 1e6,
                                  combine_send=kernel["combine_send"] * 1e6,
                                  # of the receive kernels' time, how long the slowest block waited for peers
                                  dispatch_recv_wait=kernel["dispatch_recv_wait"] * 1e6,
                                  combine_recv_wait=kernel["combine_recv_wait"] * 1e6)
+    if "dispatch_span" in kernel:   # send start to receive end, launch gaps included
+        summary["latency_us"].update(dispatch_span=kernel["dispatch_span"] * 1e6, combine_span=kernel["combine_span"] * 1e6)
     def op_us(k):   # {dispatch, combine, their receive waits} in us from per-kernel seconds
-        return dict(dispatch=(k["dispatch_send"] + k["dispatch_recv"]) * 1e6,
-                    combine=(k["combine_send"] + k["combine_recv"]) * 1e6,
+        return dict(dispatch=op_time(k, "dispatch") * 1e6, combine=op_time(k, "combine") * 1e6,
                     dispatch_recv_wait=k["dispatch_recv_wait"] * 1e6, combine_recv_wait=k["combine_recv_wait"] * 1e6)
     summary["latency_p90_us"] = op_us(results["kernel_p90_s"])
     summary["latency_steady_mean_us"] = op_us(results["kernel_steady_mean_s"])

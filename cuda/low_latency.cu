@@ -51,15 +51,19 @@ __device__ __forceinline__ int sanitize(int id, int num_experts) { return id >= 
 
 // True in every thread of the block that finishes last; its stores (and every other block's, fenced
 // before counting) are then visible to whatever it signals. The counter is left at zero for the next op.
-__device__ bool last_block_to_finish(unsigned* counter) {
+// A receive kernel's signal ("done with your staging") needs only its blocks' loads of peer-written memory ordered
+// before it, and those have returned before a block counts: a GPU-scope release and acquire around the counter
+// carry that to the last block's system-scope signal, without waiting for the blocks' output stores to drain at
+// system scope (measured on the H200: 1-2 us off each op; docs/low_latency.md).
+__device__ bool last_block_to_finish(unsigned* counter, bool system_scope = true) {
   __shared__ bool s_last;
-  __threadfence_system();
+  if (system_scope) __threadfence_system(); else fence_acq_rel_gpu();
   __syncthreads();
   if (threadIdx.x == 0) {
     s_last = atomicAdd(counter, 1u) == gridDim.x - 1;
     if (s_last) {
       *counter = 0;
-      __threadfence_system();
+      if (system_scope) __threadfence_system(); else fence_acq_rel_gpu();
     }
   }
   __syncthreads();
@@ -436,7 +440,7 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_re
   }
   __syncthreads();  // rows_from is rewritten for the next pair
   }
-  if (last_block_to_finish(field<unsigned>(v.local, l.counters) + kDispatchRecvKernel)) {
+  if (last_block_to_finish(field<unsigned>(v.local, l.counters) + kDispatchRecvKernel, /*system_scope=*/false)) {
     stamp_end(v, kDispatchRecvKernel, epoch);
     add_wait_time(v, 0, kDispatchRecvKernel, epoch);
     if (threadIdx.x < R) st_release_sys(field<uint64_t>(v.peers[threadIdx.x], l.dispatch_done) + v.rank, epoch);
@@ -602,7 +606,7 @@ __global__ void __launch_bounds__(kThreads) ll_combine_recv_kernel(PeerView v, L
     }
   }
   }
-  if (last_block_to_finish(field<unsigned>(v.local, l.counters) + kCombineRecvKernel)) {
+  if (last_block_to_finish(field<unsigned>(v.local, l.counters) + kCombineRecvKernel, /*system_scope=*/false)) {
     stamp_end(v, kCombineRecvKernel, epoch);
     add_wait_time(v, 1, kCombineRecvKernel, epoch);
     if (threadIdx.x < R) st_release_sys(field<uint64_t>(v.peers[threadIdx.x], l.combine_done) + v.rank, epoch);

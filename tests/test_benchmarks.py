@@ -350,6 +350,23 @@ def test_low_latency_round_statistics_leave_out_each_calls_first_round():
     assert median["dispatch_recv"] == pytest.approx(20e-6)       # 20 and 20 us; the 990 us first round is out
     assert median["dispatch_recv_wait"] == pytest.approx(7.5e-6)  # 5 and 10 us
     assert p90["dispatch_send"] == pytest.approx(30e-6)
+    assert median["dispatch"] == pytest.approx(40e-6)             # send + receive: 10 + 20 and 30 + 20 us
+    assert median["dispatch_span"] == pytest.approx(40e-6)        # no gaps in these rounds
+
+
+def test_low_latency_op_time_counts_an_overlap_once():
+    """A receive launched as the send's dependent starts before the send ends: the op's kernel time is the union of
+    the two kernels' intervals, its span from send start to receive end."""
+    sys.path.insert(0, ROOT)
+    from tests.gpu.harness import round_statistics
+    us = 1000
+    call = {"combine_send": [(0, 0, 8 * us, 10 * us)], "combine_recv": [(5 * us, 5 * us, 12 * us, 20 * us)],
+            "dispatch_send": [(30 * us, 30 * us, 38 * us, 40 * us)], "dispatch_recv": [(44 * us, 44 * us, 45 * us, 50 * us)]}
+    median, _ = round_statistics([call], skip_first=False)
+    assert median["combine"] == pytest.approx(20e-6)              # [0, 10] and [5, 20]: 20 us, not 25
+    assert median["combine_span"] == pytest.approx(20e-6)
+    assert median["dispatch"] == pytest.approx(16e-6)             # 10 + 6 us; the 4 us launch gap is not kernel time
+    assert median["dispatch_span"] == pytest.approx(20e-6)
 
 
 def test_low_latency_timeline_words():

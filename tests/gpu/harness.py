@@ -175,7 +175,9 @@ def round_statistics(calls, skip_first=True):
     """Low-latency benchmark: this rank's median and 90th percentile (seconds) of each kernel's time, and of
     the receive kernels' wait (start to mid), over every round but each call's first (which waits for the last
     process to start the call; ``skip_first=False`` when the rounds given are not the call's first ones).
-    ``calls``: per call, {kernel: [(start, last block start, mid, end) ns, ...]}."""
+    Per op ("dispatch", "combine"): the time its send and receive kernels ran, their overlap counted once (a
+    receive launched as the send's dependent starts before the send ends), and "<op>_span", send start to
+    receive end (launch gaps included). ``calls``: per call, {kernel: [(start, last block start, mid, end) ns, ...]}."""
     import statistics
     samples = {}
     for tl in calls:
@@ -184,6 +186,14 @@ def round_statistics(calls, skip_first=True):
                 samples.setdefault(k, []).append((end - start) * 1e-9)
                 if k.endswith("_recv"):
                     samples.setdefault(k + "_wait", []).append(max(mid - start, 0) * 1e-9)
+        for op in ("dispatch", "combine"):
+            sends, recvs = tl.get(op + "_send", []), tl.get(op + "_recv", [])
+            m = min(len(sends), len(recvs))   # the newest m ops of each: the same ops
+            pairs = list(zip(sends[len(sends) - m:], recvs[len(recvs) - m:]))
+            for (s0, _, _, s1), (r0, _, _, r1) in pairs[1 if skip_first else 0:]:
+                overlap = max(0, min(s1, r1) - max(s0, r0))
+                samples.setdefault(op, []).append(((s1 - s0) + (r1 - r0) - overlap) * 1e-9)
+                samples.setdefault(op + "_span", []).append(max(r1 - s0, 0) * 1e-9)
     p90 = lambda v: sorted(v)[min(len(v) - 1, int(0.9 * len(v)))]
     return ({k: statistics.median(v) for k, v in samples.items()}, {k: p90(v) for k, v in samples.items()})
 
