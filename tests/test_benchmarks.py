@@ -355,8 +355,9 @@ def test_low_latency_round_statistics_leave_out_each_calls_first_round():
 
 
 def test_low_latency_op_time_counts_an_overlap_once():
-    """A receive launched as the send's dependent starts before the send ends: the op's kernel time is the union of
-    the two kernels' intervals, its span from send start to receive end."""
+    """A receive that starts before its send has ended (programmatic dependent launch, measured and dropped in the
+    eighth session) counts once: the op's kernel time is the union of the two kernels' intervals, its span from
+    send start to receive end."""
     sys.path.insert(0, ROOT)
     from tests.gpu.harness import round_statistics
     us = 1000

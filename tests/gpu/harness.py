@@ -175,9 +175,9 @@ def round_statistics(calls, skip_first=True):
     """Low-latency benchmark: this rank's median and 90th percentile (seconds) of each kernel's time, and of
     the receive kernels' wait (start to mid), over every round but each call's first (which waits for the last
     process to start the call; ``skip_first=False`` when the rounds given are not the call's first ones).
-    Per op ("dispatch", "combine"): the time its send and receive kernels ran, their overlap counted once (a
-    receive launched as the send's dependent starts before the send ends), and "<op>_span", send start to
-    receive end (launch gaps included). ``calls``: per call, {kernel: [(start, last block start, mid, end) ns, ...]}."""
+    Per op ("dispatch", "combine"), round by round: the time its send and receive kernels ran (any overlap counted
+    once: a receive that starts before its send has ended, as with programmatic dependent launch, is not double
+    counted) and "<op>_span", send start to receive end (the launch gap between them included). ``calls``: per call, {kernel: [(start, last block start, mid, end) ns, ...]}."""
     import statistics
     samples = {}
     for tl in calls:
