@@ -208,8 +208,9 @@ if kernel and all(v is not None for v in kernel.values()):
                                  # of the receive kernels' time, how long the slowest block waited for peers
                                  dispatch_recv_wait=kernel["dispatch_recv_wait"] * 1e6,
                                  combine_recv_wait=kernel["combine_recv_wait"] * 1e6)
-    if "dispatch_span" in kernel:   # send start to receive end, launch gaps included
-        summary["latency_us"].update(dispatch_span=kernel["dispatch_span"] * 1e6, combine_span=kernel["combine_span"] * 1e6)
+    for op in ("dispatch", "combine"):   # send start to receive end, launch gap included
+        if op + "_span" in kernel:
+            summary["latency_us"][op + "_span"] = kernel[op + "_span"] * 1e6
     def op_us(k):   # {dispatch, combine, their receive waits} in us from per-kernel seconds
         return dict(dispatch=op_time(k, "dispatch") * 1e6, combine=op_time(k, "combine") * 1e6,
                     dispatch_recv_wait=k["dispatch_recv_wait"] * 1e6, combine_recv_wait=k["combine_recv_wait"] * 1e6)

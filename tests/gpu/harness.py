@@ -187,10 +187,10 @@ def round_statistics(calls, skip_first=True):
                 if k.endswith("_recv"):
                     samples.setdefault(k + "_wait", []).append(max(mid - start, 0) * 1e-9)
         for op in ("dispatch", "combine"):
-            sends, recvs = tl.get(op + "_send", []), tl.get(op + "_recv", [])
+            first = 1 if skip_first else 0   # each list's own first round, before they are lined up
+            sends, recvs = tl.get(op + "_send", [])[first:], tl.get(op + "_recv", [])[first:]
             m = min(len(sends), len(recvs))   # the newest m ops of each: the same ops
-            pairs = list(zip(sends[len(sends) - m:], recvs[len(recvs) - m:]))
-            for (s0, _, _, s1), (r0, _, _, r1) in pairs[1 if skip_first else 0:]:
+            for (s0, _, _, s1), (r0, _, _, r1) in zip(sends[len(sends) - m:], recvs[len(recvs) - m:]):
                 overlap = max(0, min(s1, r1) - max(s0, r0))
                 samples.setdefault(op, []).append(((s1 - s0) + (r1 - r0) - overlap) * 1e-9)
                 samples.setdefault(op + "_span", []).append(max(r1 - s0, 0) * 1e-9)
