@@ -177,7 +177,8 @@ def round_statistics(calls, skip_first=True):
     process to start the call; ``skip_first=False`` when the rounds given are not the call's first ones).
     Per op ("dispatch", "combine"), round by round: the time its send and receive kernels ran (any overlap counted
     once: a receive that starts before its send has ended, as with programmatic dependent launch, is not double
-    counted) and "<op>_span", send start to receive end (the launch gap between them included). ``calls``: per call, {kernel: [(start, last block start, mid, end) ns, ...]}."""
+    counted) and "<op>_span", send start to receive end (the launch gap between them included).
+    ``calls``: per call, {kernel: [(start, last block start, mid, end) ns, ...]}."""
     import statistics
     samples = {}
     for tl in calls:
