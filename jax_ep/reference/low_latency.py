@@ -98,8 +98,6 @@ def combine_recv(cfg: LowLatencyConfig, pending, topk_idx, topk_weights):
     return out.astype(jnp.bfloat16)
 
 
-
-
 def dispatch(cfg: LowLatencyConfig, x, topk_idx):
     return dispatch_recv(cfg, dispatch_send(cfg, x, topk_idx))
 

@@ -180,15 +180,14 @@ def round_statistics(calls, skip_first=True):
     counted) and "<op>_span", send start to receive end (the launch gap between them included).
     ``calls``: per call, {kernel: [(start, last block start, mid, end) ns, ...]}."""
     import statistics
-    samples = {}
+    samples, first = {}, (1 if skip_first else 0)
     for tl in calls:
         for k, ops in tl.items():
-            for start, _, mid, end in ops[1 if skip_first else 0:]:
+            for start, _, mid, end in ops[first:]:
                 samples.setdefault(k, []).append((end - start) * 1e-9)
                 if k.endswith("_recv"):
                     samples.setdefault(k + "_wait", []).append(max(mid - start, 0) * 1e-9)
-        for op in ("dispatch", "combine"):
-            first = 1 if skip_first else 0   # each list's own first round, before they are lined up
+        for op in ("dispatch", "combine"):   # each list's own first round is dropped before they are lined up
             sends, recvs = tl.get(op + "_send", [])[first:], tl.get(op + "_recv", [])[first:]
             m = min(len(sends), len(recvs))   # the newest m ops of each: the same ops
             for (s0, _, _, s1), (r0, _, _, r1) in zip(sends[len(sends) - m:], recvs[len(recvs) - m:]):
