@@ -10,7 +10,7 @@ OUT=${OUT:-/tmp/out}
 ROOT=$(pwd)
 for name in ${VARIANTS:-$(ls "$ROOT"/.dev/variants)}; do   # VARIANTS="a b": only these, in this order
   dir="$ROOT/.dev/variants/$name/"
-  work=/tmp/ab_$name
+  work=/tmp/ab_${name}_$$   # per run: two runs of one variant (one per GPU) must not share a copy
   rm -rf "$work" && mkdir -p "$work"
   (cd "$ROOT" && tar cf - --exclude=./.dev/variants --exclude=./.whl .) | (cd "$work" && tar xf -)
   patch=$(cat "$dir/patch" 2>/dev/null || true)
