@@ -1,13 +1,14 @@
 // Low-latency (decode) dispatch / combine kernels (protocol in low_latency.cuh, memory in
 // low_latency_layout.cuh; the design and its measurements in docs/low_latency.md).
 //
-// Dispatch send: one block per token: warp 0 finds the token's distinct experts and their slots (the token's
-// rank among this rank's tokens for that expert, read off a per-block bitmap, so rows land in token order
-// with no atomics); every thread casts its pieces of the bf16 row to fp8 once if asked (the exact recipe of
-// jax_ep.fp8) and stores them, with a 16-byte header {token, k}, into each owner's staging slot for
-// (expert, me). The last block to finish raises one signal per (expert, owner) carrying the row count.
-// Dispatch receive: blocks stride over (local expert, source rank) pairs, wait for that expert's signals and
-// copy its rows to offset sum_{s' < s} count(s') of the expert's output rows.
+// Dispatch send: one block per token: warp 0 finds the token's distinct experts; every thread casts its pieces
+// of the bf16 row to fp8 once if asked (the exact recipe of jax_ep.fp8) and stores them, with a 16-byte header
+// {token, k}, into each owner's staging area for (expert, me) at slot t (the token index: a block needs no view
+// of the other tokens), and sets bit t of the owner's presence bits for (expert, me). The last block to finish
+// raises one signal per owner.
+// Dispatch receive: blocks stride over (local expert, source rank) pairs, wait for every source's signal, count
+// each source's rows off its presence bits, and copy the pair's rows in token order to offset
+// sum_{s' < s} count(s') of the expert's output rows.
 // Combine mirrors it: the owner writes each answer to another rank's token into that rank's slot
 // [token][k]; the source sums w[t, k] * y in f32 in ascending k (the reference's order), reading its own
 // tokens' answers straight from y.
@@ -133,14 +134,27 @@ __device__ __forceinline__ void add_wait_time(const PeerView& v, int recv_kernel
 
 // A sender of epoch n writes parity n & 1: the destination must have received epoch n - 2 from it. If this
 // rank itself has not, the caller holds more than two results: that can never complete, so fail now.
-__device__ void wait_staging_free(const PeerView& v, size_t done_offset, uint64_t epoch, int dest, int phase) {
+// `own_seen` / `dest_seen`: this rank's and dest's "done" flags, loaded (acquire) before the epoch was known so
+// that the two loads' latencies overlap; they are loaded again only when too old.
+__device__ void wait_staging_free(const PeerView& v, size_t done_offset, uint64_t epoch, int dest, int phase,
+                                  uint64_t own_seen, uint64_t dest_seen) {
   if (epoch < 3) return;
   const uint64_t* done = field<uint64_t>(v.local, done_offset);
-  if (ld_acquire_sys(done + v.rank) < epoch - 2) {
+  if (own_seen < epoch - 2 && ld_acquire_sys(done + v.rank) < epoch - 2) {
     report_failure(v, v.rank, kPhaseLowLatencyTooMany);
     __trap();
   }
-  wait_flag_geq(v, done + dest, epoch - 2, dest, phase);
+  if (dest_seen < epoch - 2) wait_flag_geq(v, done + dest, epoch - 2, dest, phase);
+}
+
+// The "done" flags wait_staging_free needs, for destination `dest`.
+struct DoneSeen {
+  uint64_t own = 0, dest = 0;
+};
+
+__device__ __forceinline__ DoneSeen load_done_flags(const PeerView& v, size_t done_offset, int dest) {
+  const uint64_t* done = field<uint64_t>(v.local, done_offset);
+  return DoneSeen{ld_acquire_sys(done + v.rank), ld_acquire_sys(done + dest)};
 }
 
 // A warp copies one chunk of a row: up to kChunkBytes (32 lanes x 4 x 16 B), every load in flight before
@@ -246,63 +260,60 @@ __device__ __forceinline__ void prefetch_token(const LowLatencyDispatchSendArgs&
 }
 
 __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_send_kernel(PeerView v, LowLatencyDispatchSendArgs a) {
-  extern __shared__ uint32_t token_bits[];  // [E][W]: bit t set when token t names expert e
   const LowLatencyLayout& l = v.ll;
   const int R = l.num_ranks, E = l.num_experts, E_loc = E / R, K = l.num_topk, H = l.hidden;
-  const int T = a.num_tokens, T_max = l.max_tokens, W = (T_max + 31) / 32, me = v.rank;
+  const int T = a.num_tokens, T_max = l.max_tokens, W = low_latency_token_words(T_max), me = v.rank;
   trap_if_closed(v);
-  const uint64_t epoch = ld_peer_written(field<uint64_t>(v.local, l.dispatch_epoch)) + 1;
-  stamp_start(v, kDispatchSendKernel, epoch);
-  // The block's first token is loaded now: its latency overlaps the bitmap below instead of following it.
+  // The block's first token is loaded before the epoch: nothing about it depends on the op.
   TokenPrefetch pre;
   if (blockIdx.x < T) prefetch_token(a, blockIdx.x, H, K, E, &pre);
-  const size_t parity = epoch & 1;
-
-  for (int i = threadIdx.x; i < E * W; i += blockDim.x) token_bits[i] = 0;
-  __syncthreads();
-  // The last warp checks that every destination's staging is free (system-scope loads, the slowest part of
-  // the prologue) while the others build the bitmap.
+  // The last warp checks that every destination's staging is free (system-scope loads, issued with the epoch's)
+  // while warp 0 finds the first token's destinations; nothing is written to a destination before that check.
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  DoneSeen seen;
+  if (warp == kWarps - 1 && lane < R) seen = load_done_flags(v, l.dispatch_done, lane);
+  const uint64_t epoch = ld_peer_written(field<uint64_t>(v.local, l.dispatch_epoch)) + 1;
+  stamp_start(v, kDispatchSendKernel, epoch);
+  const size_t parity = epoch & 1, bits_copy = epoch % kLowLatencyBitsCopies;
   if (warp == kWarps - 1) {
-    for (int r = lane; r < R; r += 32) wait_staging_free(v, l.dispatch_done, epoch, r, kPhaseLowLatencyDispatchSend);
-  } else {
-    for (int i = threadIdx.x; i < T * K; i += kThreads - 32) {
-      const int id = sanitize(a.topk_idx[i], E), t = i / K;
-      if (id >= 0) atomicOr(&token_bits[id * W + (t >> 5)], 1u << (t & 31));
+    for (int r = lane; r < R; r += 32) {
+      wait_staging_free(v, l.dispatch_done, epoch, r, kPhaseLowLatencyDispatchSend, r == lane ? seen.own : 0,
+                        r == lane ? seen.dest : 0);
     }
   }
-  __syncthreads();
 
-  // One block per token: warp 0 finds the token's distinct destinations (expert owner, slot), then every
-  // thread casts / copies its pieces of the row once and stores them to all of them.
+  // One block per token: warp 0 finds the token's distinct destinations (expert owner; the slot is the token
+  // index), then every thread casts / copies its pieces of the row once and stores them to all of them.
   __shared__ uint8_t* dest_rows[32];
+  __shared__ uint32_t* dest_bits[32];
+  __shared__ int dest_k[32];
   __shared__ int num_dests;
   const int payload_bytes = a.use_fp8 ? H : 2 * H;
   const bool round_scale = a.round_scale || a.use_ue8m0;
   for (int t = blockIdx.x; t < T; t += gridDim.x) {
     if (warp == 0) {
-      uint8_t* row = nullptr;
       const int k = lane, id = pre.id;
       bool first = id >= 0;  // a token naming an expert twice sends one row (from its first k)
       for (int j = 0; j < K; ++j) {
         const int other = __shfl_sync(kFullMask, id, j);
         if (j < k && other == id) first = false;
       }
+      const unsigned mask = __ballot_sync(kFullMask, first);
       if (first) {
-        const uint32_t* bits = token_bits + id * W;
-        int slot = __popc(bits[t >> 5] & ((1u << (t & 31)) - 1u));
-        for (int w = 0; w < (t >> 5); ++w) slot += __popc(bits[w]);
-        const int dest = id / E_loc, e = id % E_loc;
-        row = v.peers[dest] + l.dispatch_stage +
-              (((parity * E_loc + e) * R + me) * T_max + slot) * static_cast<size_t>(l.row_stride);
-        *reinterpret_cast<int4*>(row) = make_int4(t, k, 0, 0);
+        const int dest = id / E_loc, e = id % E_loc, d = __popc(mask & ((1u << lane) - 1u));
+        dest_rows[d] = v.peers[dest] + l.dispatch_stage +
+                       (((parity * E_loc + e) * R + me) * T_max + t) * static_cast<size_t>(l.row_stride);
+        dest_bits[d] = field<uint32_t>(v.peers[dest], l.dispatch_bits) + ((bits_copy * E_loc + e) * R + me) * W + (t >> 5);
+        dest_k[d] = k;
       }
-      const unsigned mask = __ballot_sync(kFullMask, row != nullptr);
-      if (row != nullptr) dest_rows[__popc(mask & ((1u << lane) - 1u))] = row;
       if (lane == 0) num_dests = __popc(mask);
     }
     __syncthreads();
     const int n = num_dests;
+    if (threadIdx.x < n) {  // the row's header and its presence bit (the owner's receive compacts by these bits)
+      *reinterpret_cast<int4*>(dest_rows[threadIdx.x]) = make_int4(t, dest_k[threadIdx.x], 0, 0);
+      atomicOr(dest_bits[threadIdx.x], 1u << (t & 31));
+    }
     const int4* x = reinterpret_cast<const int4*>(static_cast<const uint8_t*>(a.x) + static_cast<size_t>(t) * H * 2);
     // Piece j (16 bytes = 8 channels) of the row is thread j % kThreads's; in fp8 a half-warp owns a
     // 128-channel group, and since H % 128 == 0 a half-warp is wholly inside the row or wholly past it.
@@ -348,13 +359,7 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_se
   if (last_block_to_finish(field<unsigned>(v.local, l.counters) + kDispatchSendKernel)) {
     stamp_end(v, kDispatchSendKernel, epoch);
     stamp_mid(v, kDispatchSendKernel, epoch, arrived);
-    for (int id = threadIdx.x; id < E; id += blockDim.x) {
-      int count = 0;
-      for (int w = 0; w < W; ++w) count += __popc(token_bits[id * W + w]);
-      const int dest = id / E_loc, e = id % E_loc;
-      uint64_t* signal = field<uint64_t>(v.peers[dest], l.dispatch_signal) + (parity * E_loc + e) * R + me;
-      st_release_sys(signal, (epoch << kSignalCountBits) | static_cast<uint64_t>(count));
-    }
+    if (threadIdx.x < R) st_release_sys(field<uint64_t>(v.peers[threadIdx.x], l.dispatch_signal) + parity * R + me, epoch);
     if (threadIdx.x == 0) {
       *field<uint64_t>(v.local, l.dispatch_epoch) = epoch;
       a.ticket[0] = static_cast<uint32_t>(epoch);
@@ -364,31 +369,76 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_se
 }
 
 // Blocks stride over (local expert e, source rank s) pairs (one pair per block unless the grid budget is
-// smaller than E).
+// smaller than E). Source s's rows for e sit at their token's slot; its presence bits say which, and row j of
+// the output is the j-th of them (token order).
 __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_recv_kernel(PeerView v, LowLatencyDispatchRecvArgs a) {
+  // Dynamic shared memory: the block's (expert, source) pair's presence bits [W], then its rows' slots [T_max].
+  extern __shared__ uint32_t pair_bits[];
   __shared__ int rows_from[kMaxPeers];
   const LowLatencyLayout& l = v.ll;
   const int R = l.num_ranks, E_loc = l.num_experts / R, H = l.hidden, T_max = l.max_tokens, S = R * T_max;
+  const int W = low_latency_token_words(T_max);
+  uint16_t* const slot_of_row = reinterpret_cast<uint16_t*>(pair_bits + W);
   trap_if_closed(v);
+  // Threads r < R wait for source r's signal (one per source: every pair of this block needs the same ones). Both
+  // parities are loaded with the ticket, so the common case -- already raised -- costs no load after it.
+  const uint64_t* signals = field<uint64_t>(v.local, l.dispatch_signal);
+  uint64_t seen_even = 0, seen_odd = 0;  // registers, not an array indexed at run time
+  if (threadIdx.x < R) {
+    seen_even = ld_acquire_sys(signals + threadIdx.x);
+    seen_odd = ld_acquire_sys(signals + R + threadIdx.x);
+  }
   const uint64_t epoch = ticket_epoch(a.ticket);
   stamp_start(v, kDispatchRecvKernel, epoch);
   const size_t parity = epoch & 1;
+  bool arrived = (parity ? seen_odd : seen_even) >= epoch;
   for (int pair = blockIdx.x; pair < E_loc * R; pair += gridDim.x) {
   const int e = pair / R, s = pair % R;
+  // This op's copy of expert e's presence bits [R][W], and the copy the sends of epoch n + 2 will set.
+  uint32_t* const bits_now = field<uint32_t>(v.local, l.dispatch_bits) + ((epoch % kLowLatencyBitsCopies) * E_loc + e) * R * W;
+  uint32_t* const bits_next = field<uint32_t>(v.local, l.dispatch_bits) + (((epoch + 2) % kLowLatencyBitsCopies) * E_loc + e) * R * W;
   if (threadIdx.x < R) {
-    const uint64_t* signal = field<uint64_t>(v.local, l.dispatch_signal) + (parity * E_loc + e) * R + threadIdx.x;
-    wait_flag_geq(v, signal, epoch << kSignalCountBits, threadIdx.x, kPhaseLowLatencyDispatchRecv);
-    const int rows = static_cast<int>(ld_acquire_sys(signal) & ((1ull << kSignalCountBits) - 1));
-    rows_from[threadIdx.x] = min(rows, T_max);
+    const int r = threadIdx.x;
+    if (!arrived) wait_flag_geq(v, signals + parity * R + r, epoch, r, kPhaseLowLatencyDispatchRecv);
+    arrived = true;
+    // Four words' loads in flight before any shared-memory store: the compiler may not move a load of a generic
+    // pointer past a store to shared memory (it could alias), which made each word a dependent round.
+    int rows = 0;
+    for (int w0 = 0; w0 < W; w0 += 4) {
+      uint32_t word[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) word[u] = w0 + u < W ? ld_peer_written(bits_now + r * W + w0 + u) : 0u;
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        rows += __popc(word[u]);
+        if (r == s && w0 + u < W) pair_bits[w0 + u] = word[u];
+      }
+    }
+    rows_from[r] = min(rows, T_max);
   }
+  // The copy the sends of epoch n + 2 will set is cleared now (this op's copy is still read by other blocks); those
+  // senders wait for this receive's "done" flag, raised after every block's stores.
+  for (int w = threadIdx.x; w < W; w += blockDim.x) bits_next[s * W + w] = 0;
   __syncthreads();
   if (threadIdx.x == 0 && pair == static_cast<int>(blockIdx.x)) stamp_wait_end(v, 0);
+  for (int t = threadIdx.x; t < T_max; t += blockDim.x) {  // row j of the pair is its j-th present token
+    const uint32_t word = pair_bits[t >> 5];
+    if ((word >> (t & 31)) & 1u) {
+      int j = __popc(word & ((1u << (t & 31)) - 1u));
+      for (int w = 0; w < (t >> 5); ++w) j += __popc(pair_bits[w]);
+      slot_of_row[j] = static_cast<uint16_t>(t);
+    }
+  }
+  if (s == v.rank) {  // the combine's receive finds this rank's own tokens' answers by these bits
+    for (int w = threadIdx.x; w < W; w += blockDim.x) a.out_own_bits[e * W + w] = pair_bits[w];
+  }
   int offset = 0, total = 0;
   for (int r = 0; r < R; ++r) {
     if (r < s) offset += rows_from[r];
     total += rows_from[r];
   }
   const int rows = rows_from[s];
+  __syncthreads();  // slot_of_row
   const int payload_bytes = a.use_fp8 ? H : 2 * H;
   const int scale_bytes = a.use_fp8 ? 4 * low_latency_scale_words(H, a.use_ue8m0) : 0;
   const uint8_t* stage = v.local + l.dispatch_stage + ((parity * E_loc + e) * R + s) * T_max * static_cast<size_t>(l.row_stride);
@@ -400,7 +450,7 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_re
   const int lane = threadIdx.x & 31, chunks = ceil_div(payload_bytes, kChunkBytes);
   for (int item = threadIdx.x >> 5; item < rows * chunks; item += kWarps) {
     const int j = item / chunks, chunk = item % chunks;
-    const uint8_t* row = stage + static_cast<size_t>(j) * l.row_stride;
+    const uint8_t* row = stage + static_cast<size_t>(slot_of_row[j]) * l.row_stride;
     const uint8_t* scales_in = row + kHeaderBytes + payload_bytes;
     const size_t out_row = static_cast<size_t>(e) * S + offset + j;
     int4 payload[4], extra = make_int4(0, 0, 0, 0);
@@ -438,7 +488,7 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_re
       a.out_recv_k[static_cast<size_t>(e) * S + i] = -1;
     }
   }
-  __syncthreads();  // rows_from is rewritten for the next pair
+  __syncthreads();  // rows_from, pair_bits and slot_of_row are rewritten for the next pair
   }
   if (last_block_to_finish(field<unsigned>(v.local, l.counters) + kDispatchRecvKernel, /*system_scope=*/false)) {
     stamp_end(v, kDispatchRecvKernel, epoch);
@@ -449,6 +499,26 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_re
 
 // -- combine ----------------------------------------------------------------------------------------------
 
+// A unit of the combine send: rows [first, first + mine) of local expert e's rows from source s.
+struct CombineUnit {
+  int e = 0, s = 0, offset = 0, first = 0, mine = 0;
+};
+
+__device__ __forceinline__ CombineUnit combine_unit(const PeerView& v, const LowLatencyCombineSendArgs& a, int unit,
+                                                    int splits) {
+  const int R = v.ll.num_ranks, T_max = v.ll.max_tokens, S = R * T_max;
+  const int pair = unit / splits, part = unit % splits;
+  CombineUnit u;
+  u.e = pair / (R - 1);
+  u.s = pair % (R - 1) + (pair % (R - 1) >= v.rank ? 1 : 0);
+  // The handle is user-visible data: clamp everything that becomes an address.
+  for (int r = 0; r < u.s; ++r) u.offset += min(max(a.layout_range[u.e * R + r], 0), T_max);
+  const int rows = min(min(max(a.layout_range[u.e * R + u.s], 0), T_max), max(S - u.offset, 0));
+  u.first = rows * part / splits;
+  u.mine = rows * (part + 1) / splits - u.first;
+  return u;
+}
+
 // Blocks stride over (local expert e, source rank s != me) pairs: send e's rows from s back to s, slot
 // [token][k]. A rank's answers to its own tokens are not staged: its receive reads them from y.
 __global__ void __launch_bounds__(kThreads) ll_combine_send_kernel(PeerView v, LowLatencyCombineSendArgs a) {
@@ -456,21 +526,23 @@ __global__ void __launch_bounds__(kThreads) ll_combine_send_kernel(PeerView v, L
   const int R = l.num_ranks, H = l.hidden, K = l.num_topk, T_max = l.max_tokens;
   const int S = R * T_max, E_loc = l.num_experts / R;
   trap_if_closed(v);
+  // A grid of at least twice the pairs splits each pair's rows over gridDim / pairs blocks (the launcher's choice).
+  const int pairs = E_loc * (R - 1), splits = pairs > 0 && gridDim.x >= 2 * pairs ? gridDim.x / pairs : 1;
+  // Loaded together before anything waits: the destinations' "done" flags (the last R threads check them), the
+  // block's first unit and the epoch.
+  const int waiter = static_cast<int>(threadIdx.x) - (kThreads - R);
+  DoneSeen seen;
+  if (waiter >= 0) seen = load_done_flags(v, l.combine_done, waiter);
+  CombineUnit u;
+  if (static_cast<int>(blockIdx.x) < pairs * splits) u = combine_unit(v, a, blockIdx.x, splits);
   const uint64_t epoch = ld_peer_written(field<uint64_t>(v.local, l.combine_epoch)) + 1;
   stamp_start(v, kCombineSendKernel, epoch);
   const size_t parity = epoch & 1;
-  if (threadIdx.x < R) wait_staging_free(v, l.combine_done, epoch, threadIdx.x, kPhaseLowLatencyCombineSend);
+  if (waiter >= 0) wait_staging_free(v, l.combine_done, epoch, waiter, kPhaseLowLatencyCombineSend, seen.own, seen.dest);
   __syncthreads();
-  // A grid of at least twice the pairs splits each pair's rows over gridDim / pairs blocks (the launcher's choice).
-  const int pairs = E_loc * (R - 1), splits = pairs > 0 && gridDim.x >= 2 * pairs ? gridDim.x / pairs : 1;
   for (int unit = blockIdx.x; unit < pairs * splits; unit += gridDim.x) {
-  const int pair = unit / splits, part = unit % splits;
-  const int e = pair / (R - 1), s = pair % (R - 1) + (pair % (R - 1) >= v.rank ? 1 : 0);
-  // The handle is user-visible data: clamp everything that becomes an address.
-  int offset = 0;
-  for (int r = 0; r < s; ++r) offset += min(max(a.layout_range[e * R + r], 0), T_max);
-  const int rows = min(min(max(a.layout_range[e * R + s], 0), T_max), max(S - offset, 0));
-  const int first = rows * part / splits, mine = rows * (part + 1) / splits - first;
+  if (unit != static_cast<int>(blockIdx.x)) u = combine_unit(v, a, unit, splits);
+  const int e = u.e, s = u.s, offset = u.offset, first = u.first, mine = u.mine;
   const int row_bytes = 2 * H, chunks = ceil_div(row_bytes, kChunkBytes);
   for (int item = threadIdx.x >> 5; item < mine * chunks; item += kWarps) {
     const int j = first + item / chunks, chunk = item % chunks;
@@ -502,33 +574,32 @@ __global__ void __launch_bounds__(kThreads) ll_combine_send_kernel(PeerView v, L
 // Where the answer to (token t, expert id) is, for a token of this rank: the owner's staged slot [t][first k],
 // or, when this rank owns the expert, y's row of it: the dispatch placed this rank's rows for expert e after
 // those of the ranks before it, in token order, so the row is e * S + sum_{s < me} rows(e, s) + slot, slot =
-// this rank's tokens before t naming e (own_bits). Null when the handle says no such row was received (a
-// topk_idx other than the dispatch's; docs/semantics.md): that answer then counts as zero.
+// this rank's tokens before t that the dispatch delivered to e (the handle's own_bits). Null when the handle says
+// no such row was received (a topk_idx other than the dispatch's; docs/semantics.md): that answer counts as zero.
 __device__ __forceinline__ const int4* combine_answer_row(const PeerView& v, const LowLatencyCombineRecvArgs& a,
-                                                          const uint32_t* own_bits, size_t parity, int t, int id,
-                                                          int first_k) {
+                                                          size_t parity, int t, int id, int first_k) {
   const LowLatencyLayout& l = v.ll;
   const int R = l.num_ranks, E_loc = l.num_experts / R, T_max = l.max_tokens, H = l.hidden, K = l.num_topk;
-  const int W = (T_max + 31) / 32, owner = id / E_loc, e = id % E_loc;
+  const int W = low_latency_token_words(T_max), owner = id / E_loc, e = id % E_loc;
   if (owner != v.rank) {
     return reinterpret_cast<const int4*>(v.local + l.combine_stage +
                                          ((parity * T_max + t) * K + first_k) * static_cast<size_t>(2 * H));
   }
-  const uint32_t* bits = own_bits + e * W;
-  int slot = __popc(bits[t >> 5] & ((1u << (t & 31)) - 1u));
+  const uint32_t* bits = a.own_bits + e * W;
+  const uint32_t word = bits[t >> 5];
+  int slot = __popc(word & ((1u << (t & 31)) - 1u));
   for (int w = 0; w < (t >> 5); ++w) slot += __popc(bits[w]);
   int offset = 0;
   for (int r = 0; r < v.rank; ++r) offset += min(max(a.layout_range[e * R + r], 0), T_max);
   const int rows = min(max(a.layout_range[e * R + v.rank], 0), T_max);
-  if (slot >= rows || offset + slot >= R * T_max) return nullptr;
+  if (!((word >> (t & 31)) & 1u) || slot >= rows || offset + slot >= R * T_max) return nullptr;
   return reinterpret_cast<const int4*>(static_cast<const uint8_t*>(a.y) +
                                        (static_cast<size_t>(e) * R * T_max + offset + slot) * (2 * H));
 }
 
 // Where token t's K answers are and their weights (threads k < K write answer[k] / weight[k]).
 __device__ __forceinline__ void combine_token_setup(const PeerView& v, const LowLatencyCombineRecvArgs& a,
-                                                    const uint32_t* own_bits, size_t parity, int t,
-                                                    const int4** answer, float* weight) {
+                                                    size_t parity, int t, const int4** answer, float* weight) {
   const int K = v.ll.num_topk, E = v.ll.num_experts;
   if (threadIdx.x < K) {
     const int k = threadIdx.x, id = sanitize(a.topk_idx[t * K + k], E);
@@ -539,42 +610,41 @@ __device__ __forceinline__ void combine_token_setup(const PeerView& v, const Low
         break;
       }
     }
-    answer[k] = id < 0 ? nullptr : combine_answer_row(v, a, own_bits, parity, t, id, first);
+    answer[k] = id < 0 ? nullptr : combine_answer_row(v, a, parity, t, id, first);
     weight[k] = a.topk_weights[t * K + k];
   }
 }
 
-// Blocks stride over tokens (at least one block, which also does the handshake when T = 0). Everything that
-// needs no peer -- this rank's slots, where the block's first token's answers are -- is done before the wait.
+// Blocks stride over tokens (at least one block, which also does the handshake when T = 0). Where the block's
+// first token's answers are needs no peer, so it is found before the wait.
 __global__ void __launch_bounds__(kThreads) ll_combine_recv_kernel(PeerView v, LowLatencyCombineRecvArgs a) {
-  extern __shared__ uint32_t own_bits[];  // [E_loc][W]: bit t set when this rank's token t names local expert e
   __shared__ const int4* answer[32];
   __shared__ float weight[32];
   const LowLatencyLayout& l = v.ll;
-  const int R = l.num_ranks, E = l.num_experts, E_loc = E / R, H = l.hidden, K = l.num_topk, T_max = l.max_tokens;
-  const int W = (T_max + 31) / 32;
+  const int R = l.num_ranks, H = l.hidden, K = l.num_topk;
   trap_if_closed(v);
+  // The last R threads wait for the owners' signals (both parities loaded with the ticket, so the common case --
+  // already raised -- costs no load after it) while the first K find the block's first token's answers.
+  const int waiter = static_cast<int>(threadIdx.x) - (kThreads - R);
+  const uint64_t* signals = field<uint64_t>(v.local, l.combine_signal);
+  uint64_t seen_even = 0, seen_odd = 0;  // registers, not an array indexed at run time
+  if (waiter >= 0) {
+    seen_even = ld_acquire_sys(signals + waiter);
+    seen_odd = ld_acquire_sys(signals + R + waiter);
+  }
   const uint64_t epoch = ticket_epoch(a.ticket);
   stamp_start(v, kCombineRecvKernel, epoch);
   const size_t parity = epoch & 1;
-  for (int i = threadIdx.x; i < E_loc * W; i += blockDim.x) own_bits[i] = 0;
-  __syncthreads();
-  for (int i = threadIdx.x; i < a.num_tokens * K; i += blockDim.x) {
-    const int id = sanitize(a.topk_idx[i], E), t = i / K;
-    if (id >= 0 && id / E_loc == v.rank) atomicOr(&own_bits[(id % E_loc) * W + (t >> 5)], 1u << (t & 31));
-  }
-  __syncthreads();
-  if (blockIdx.x < a.num_tokens) combine_token_setup(v, a, own_bits, parity, blockIdx.x, answer, weight);
-  if (threadIdx.x < R) {
-    wait_flag_geq(v, field<uint64_t>(v.local, l.combine_signal) + parity * R + threadIdx.x, epoch, threadIdx.x,
-                  kPhaseLowLatencyCombineRecv);
+  if (blockIdx.x < a.num_tokens) combine_token_setup(v, a, parity, blockIdx.x, answer, weight);
+  if (waiter >= 0 && (parity ? seen_odd : seen_even) < epoch) {
+    wait_flag_geq(v, signals + parity * R + waiter, epoch, waiter, kPhaseLowLatencyCombineRecv);
   }
   __syncthreads();
   if (threadIdx.x == 0) stamp_wait_end(v, 1);
   for (int t = blockIdx.x; t < a.num_tokens; t += gridDim.x) {
   if (t != static_cast<int>(blockIdx.x)) {
     __syncthreads();  // answer / weight of the previous token are no longer read
-    combine_token_setup(v, a, own_bits, parity, t, answer, weight);
+    combine_token_setup(v, a, parity, t, answer, weight);
     __syncthreads();
   }
   {
@@ -627,7 +697,7 @@ int capped_grid(int wanted, int budget) { return wanted < 1 ? 1 : (budget > 0 &&
 LowLatencyLayout make_low_latency_layout(size_t base, int num_ranks, int num_experts, int max_tokens, int num_topk,
                                          int hidden) {
   LowLatencyLayout l;
-  l.dispatch_epoch = l.combine_epoch = l.counters = l.timing = l.dispatch_signal = l.dispatch_done = l.combine_signal =
+  l.dispatch_epoch = l.combine_epoch = l.counters = l.timing = l.dispatch_signal = l.dispatch_bits = l.dispatch_done = l.combine_signal =
       l.combine_done = l.dispatch_stage = l.combine_stage = base;
   l.end = base;
   if (num_experts <= 0) return l;
@@ -649,7 +719,8 @@ LowLatencyLayout make_low_latency_layout(size_t base, int num_ranks, int num_exp
   l.combine_epoch = take(8);
   l.counters = take(16);
   l.timing = take(8 * kLowLatencyTimingWords);
-  l.dispatch_signal = take(8 * 2 * E_loc * R);
+  l.dispatch_signal = take(8 * 2 * R);
+  l.dispatch_bits = take(4 * kLowLatencyBitsCopies * E_loc * R * static_cast<size_t>(low_latency_token_words(max_tokens)));
   l.dispatch_done = take(8 * R);
   l.combine_signal = take(8 * 2 * R);
   l.combine_done = take(8 * R);
@@ -661,16 +732,14 @@ LowLatencyLayout make_low_latency_layout(size_t base, int num_ranks, int num_exp
 
 cudaError_t launch_low_latency_dispatch_send(const PeerView& view, const LowLatencyDispatchSendArgs& args,
                                              int num_blocks, cudaStream_t stream) {
-  const LowLatencyLayout& l = view.ll;
-  const size_t smem = sizeof(uint32_t) * l.num_experts * ((l.max_tokens + 31) / 32);
-  const int grid = capped_grid(args.num_tokens, num_blocks);
-  ll_dispatch_send_kernel<<<grid, kThreads, smem, stream>>>(view, args);
+  ll_dispatch_send_kernel<<<capped_grid(args.num_tokens, num_blocks), kThreads, 0, stream>>>(view, args);
   return cudaGetLastError();
 }
 
 cudaError_t launch_low_latency_dispatch_recv(const PeerView& view, const LowLatencyDispatchRecvArgs& args,
                                              int num_blocks, cudaStream_t stream) {
-  ll_dispatch_recv_kernel<<<capped_grid(view.ll.num_experts, receive_grid(num_blocks)), kThreads, 0, stream>>>(view, args);
+  const size_t smem = sizeof(uint32_t) * view.ll.token_words() + sizeof(uint16_t) * view.ll.max_tokens;
+  ll_dispatch_recv_kernel<<<capped_grid(view.ll.num_experts, receive_grid(num_blocks)), kThreads, smem, stream>>>(view, args);
   return cudaGetLastError();
 }
 
@@ -686,8 +755,7 @@ cudaError_t launch_low_latency_combine_send(const PeerView& view, const LowLaten
 
 cudaError_t launch_low_latency_combine_recv(const PeerView& view, const LowLatencyCombineRecvArgs& args,
                                             int num_blocks, cudaStream_t stream) {
-  const size_t smem = sizeof(uint32_t) * view.ll.local_experts() * ((view.ll.max_tokens + 31) / 32);
-  ll_combine_recv_kernel<<<capped_grid(args.num_tokens, receive_grid(num_blocks)), kThreads, smem, stream>>>(view, args);
+  ll_combine_recv_kernel<<<capped_grid(args.num_tokens, receive_grid(num_blocks)), kThreads, 0, stream>>>(view, args);
   return cudaGetLastError();
 }
 

@@ -36,6 +36,7 @@ struct LowLatencyDispatchRecvArgs {
   int32_t* out_src_info = nullptr;     // [E_loc, S]: source token index, -1 past count
   int32_t* out_layout_range = nullptr; // [E_loc, R]: rows from each source rank
   int32_t* out_recv_k = nullptr;       // [E_loc, S]: first k of the source token naming this expert, -1 past count
+  uint32_t* out_own_bits = nullptr;    // [E_loc, W]: bit t set when this rank's token t was received for expert e
 };
 
 struct LowLatencyCombineSendArgs {
@@ -50,15 +51,12 @@ struct LowLatencyCombineRecvArgs {
   const uint32_t* ticket = nullptr;
   const void* y = nullptr;             // [E_loc, S, H] bf16: this rank's answers to its own tokens are read here
   const int32_t* layout_range = nullptr;  // handle [E_loc, R]
+  const uint32_t* own_bits = nullptr;  // handle [E_loc, W]: where this rank's own tokens' answers are in y
   const int32_t* topk_idx = nullptr;   // [T, K]
   const float* topk_weights = nullptr; // [T, K]
   int num_tokens = 0;
   void* out = nullptr;                 // [T, H] bf16
 };
-
-// Shared memory of the dispatch send kernel (one bit per (expert, token)): at most this many bytes, so that
-// with the kernel's ~0.3 KB of static shared memory it stays under the 48 KB a launch gets without opt-in.
-inline constexpr int kLowLatencyMaxBitmapBytes = 47 * 1024;
 
 // Scale words per staged / output fp8 row: H/128 f32, or ceil(H/512) int32 of packed UE8M0.
 JAX_EP_HOST_DEVICE inline int low_latency_scale_words(int hidden, bool use_ue8m0) {

@@ -2,7 +2,9 @@
 // the kernels so the runtime (ffi/) and the intranode peer view can carry it without pulling in kernels.
 //
 // Every area that peers write is double-buffered by op parity (epoch & 1): two results may be in flight.
-// Receivers publish "done with epoch n" flags; a sender of epoch n waits for its destination's n - 2.
+// Receivers publish "done with epoch n" flags; a sender of epoch n waits for its destination's n - 2. The
+// dispatch's presence bits have four copies (epoch % 4): the receive of epoch n clears those of n + 2 while
+// its own are still read by its other blocks.
 #pragma once
 
 #include <cstddef>
@@ -15,6 +17,9 @@
 #endif
 
 namespace jax_ep {
+
+// 32-bit words of a per-token bit set over T_max tokens.
+JAX_EP_HOST_DEVICE inline int low_latency_token_words(int max_tokens) { return (max_tokens + 31) / 32; }
 
 struct LowLatencyLayout {
   bool enabled = false;
@@ -33,15 +38,17 @@ struct LowLatencyLayout {
                                // then the timeline: u64[kLowLatencyTimelineSlots][4][4] {start, latest block start, mid,
                                // end} of each kernel at op epoch % kLowLatencyTimelineSlots (mid: a receive's wait end,
                                // a send's last block reaching the finish)
-  size_t dispatch_signal = 0;  // u64[2][E_loc][R]: (epoch << 24) | rows, from source rank s for local expert e
+  size_t dispatch_signal = 0;  // u64[2][R]: epoch at which source rank s finished writing its rows to me
+  size_t dispatch_bits = 0;    // u32[4][E_loc][R][W]: bit t set when source s staged token t for local expert e
   size_t dispatch_done = 0;    // u64[R]: last dispatch epoch rank s finished receiving (s's staging is free)
   size_t combine_signal = 0;   // u64[2][R]: epoch at which owner r finished writing my combine rows
   size_t combine_done = 0;     // u64[R]: last combine epoch rank s finished receiving
-  size_t dispatch_stage = 0;   // u8[2][E_loc][R][T_max][row_stride]
+  size_t dispatch_stage = 0;   // u8[2][E_loc][R][T_max][row_stride]: source s's token t at slot t
   size_t combine_stage = 0;    // u8[2][T_max][K][H] bf16
   size_t end = 0;              // one past the area
 
   int local_experts() const { return num_experts / num_ranks; }
+  JAX_EP_HOST_DEVICE int token_words() const { return low_latency_token_words(max_tokens); }
 };
 
 inline constexpr int kLowLatencyKernels = 4;  // dispatch send, dispatch recv, combine send, combine recv
@@ -50,7 +57,10 @@ inline constexpr int kLowLatencyTimelineEntry = 4;     // words per (op, kernel)
 inline constexpr int kLowLatencyTimelineWord = 3 * kLowLatencyKernels + 2 + 2 * 2;  // first word of the timeline
 inline constexpr int kLowLatencyTimingWords =
     kLowLatencyTimelineWord + kLowLatencyTimelineSlots * kLowLatencyKernels * kLowLatencyTimelineEntry;  // see LowLatencyLayout::timing
-inline constexpr int kSignalCountBits = 24;  // rows per (expert, source) < 2^24; the epoch takes the rest
+inline constexpr int kLowLatencyBitsCopies = 4;  // copies of the dispatch presence bits (epoch % 4)
+// T_max bound: the dispatch receive keeps one pair's presence bits and row slots (about 2 * T_max bytes) in
+// shared memory, within the 48 KB a launch gets without opt-in; slots are 16-bit.
+inline constexpr int kLowLatencyMaxTokens = 16384;
 
 // Layout of the area starting at `base` (256-aligned). Disabled (all zero, end = base) when num_experts = 0.
 LowLatencyLayout make_low_latency_layout(size_t base, int num_ranks, int num_experts, int max_tokens, int num_topk,

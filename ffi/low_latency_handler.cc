@@ -85,13 +85,14 @@ ffi::Error DispatchRecvArgsOf(const char* target, const LowLatencyLayout& l, int
                               ffi::Result<ffi::AnyBuffer> out_x, ffi::Result<ffi::AnyBuffer> out_scales,
                               ffi::ResultBuffer<ffi::S32> count, ffi::ResultBuffer<ffi::S32> src_info,
                               ffi::ResultBuffer<ffi::S32> layout_range, ffi::ResultBuffer<ffi::S32> recv_k,
-                              LowLatencyDispatchRecvArgs* a) {
+                              ffi::ResultBuffer<ffi::S32> own_bits, LowLatencyDispatchRecvArgs* a) {
   const int64_t E_loc = l.local_experts(), S = int64_t{l.num_ranks} * l.max_tokens, H = l.hidden;
   const auto want_x = use_fp8 ? ffi::DataType::F8E4M3FN : ffi::DataType::BF16;
   const int64_t words = use_fp8 ? low_latency_scale_words(l.hidden, use_ue8m0 != 0) : 0;
   if (out_x->element_type() != want_x || !Dims(*out_x, {E_loc, S, H}) ||
       (use_fp8 && !Dims(*out_scales, {E_loc, S, words})) || !Dims(*count, {E_loc}) ||
-      !Dims(*src_info, {E_loc, S}) || !Dims(*layout_range, {E_loc, l.num_ranks}) || !Dims(*recv_k, {E_loc, S})) {
+      !Dims(*src_info, {E_loc, S}) || !Dims(*layout_range, {E_loc, l.num_ranks}) || !Dims(*recv_k, {E_loc, S}) ||
+      !Dims(*own_bits, {E_loc, l.token_words()})) {
     return Fail(target, "result shapes do not match the buffer's low-latency configuration");
   }
   a->use_fp8 = use_fp8 != 0;
@@ -102,6 +103,7 @@ ffi::Error DispatchRecvArgsOf(const char* target, const LowLatencyLayout& l, int
   a->out_src_info = src_info->typed_data();
   a->out_layout_range = layout_range->typed_data();
   a->out_recv_k = recv_k->typed_data();
+  a->out_own_bits = reinterpret_cast<uint32_t*>(own_bits->typed_data());
   return ffi::Error::Success();
 }
 
@@ -124,7 +126,7 @@ ffi::Error DispatchRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi
                             int64_t use_fp8, int64_t use_ue8m0, ffi::Result<ffi::AnyBuffer> out_x,
                             ffi::Result<ffi::AnyBuffer> out_scales, ffi::ResultBuffer<ffi::S32> count,
                             ffi::ResultBuffer<ffi::S32> src_info, ffi::ResultBuffer<ffi::S32> layout_range,
-                            ffi::ResultBuffer<ffi::S32> recv_k) {
+                            ffi::ResultBuffer<ffi::S32> recv_k, ffi::ResultBuffer<ffi::S32> own_bits) {
   PeerView view;
   int num_blocks = 0;
   ffi::Error error;
@@ -132,7 +134,7 @@ ffi::Error DispatchRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi
   if (ticket.element_count() != 2) return Fail(kDispatchRecv, "ticket must be uint32 [2]");
   LowLatencyDispatchRecvArgs a;
   error = DispatchRecvArgsOf(kDispatchRecv, view.ll, use_fp8, use_ue8m0, out_x, out_scales, count, src_info,
-                             layout_range, recv_k, &a);
+                             layout_range, recv_k, own_bits, &a);
   if (error.failure()) return error;
   a.ticket = ticket.typed_data();
   return Launched(kDispatchRecv, launch_low_latency_dispatch_recv(view, a, num_blocks, stream));
@@ -144,7 +146,7 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, f
                         ffi::ResultBuffer<ffi::U32> ticket, ffi::Result<ffi::AnyBuffer> out_x,
                         ffi::Result<ffi::AnyBuffer> out_scales, ffi::ResultBuffer<ffi::S32> count,
                         ffi::ResultBuffer<ffi::S32> src_info, ffi::ResultBuffer<ffi::S32> layout_range,
-                        ffi::ResultBuffer<ffi::S32> recv_k) {
+                        ffi::ResultBuffer<ffi::S32> recv_k, ffi::ResultBuffer<ffi::S32> own_bits) {
   PeerView view;
   int num_blocks = 0;
   ffi::Error error;
@@ -154,7 +156,7 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x, f
   if (error.failure()) return error;
   LowLatencyDispatchRecvArgs recv;
   error = DispatchRecvArgsOf(kDispatch, view.ll, use_fp8, use_ue8m0, out_x, out_scales, count, src_info, layout_range,
-                             recv_k, &recv);
+                             recv_k, own_bits, &recv);
   if (error.failure()) return error;
   if (ticket->element_count() != 2) return Fail(kDispatch, "ticket must be uint32 [2]");
   send.ticket = ticket->typed_data();
@@ -182,14 +184,17 @@ ffi::Error CombineSendArgsOf(const char* target, const LowLatencyLayout& l, ffi:
 }
 
 ffi::Error CombineRecvArgsOf(const char* target, const LowLatencyLayout& l, ffi::AnyBuffer y,
-                             ffi::Buffer<ffi::S32> layout_range, ffi::Buffer<ffi::S32> topk_idx,
+                             ffi::Buffer<ffi::S32> layout_range, ffi::Buffer<ffi::S32> own_bits,
+                             ffi::Buffer<ffi::S32> topk_idx,
                              ffi::Buffer<ffi::F32> topk_weights, ffi::Result<ffi::AnyBuffer> out,
                              LowLatencyCombineRecvArgs* a) {
   const int64_t E_loc = l.local_experts(), S = int64_t{l.num_ranks} * l.max_tokens;
   if (y.element_type() != ffi::DataType::BF16 || !Dims(y, {E_loc, S, l.hidden})) {
     return Fail(target, "y must be bfloat16 [E_loc, R * T_max, H] of the buffer");
   }
-  if (!Dims(layout_range, {E_loc, l.num_ranks})) return Fail(target, "handle shapes do not match the buffer");
+  if (!Dims(layout_range, {E_loc, l.num_ranks}) || !Dims(own_bits, {E_loc, l.token_words()})) {
+    return Fail(target, "handle shapes do not match the buffer");
+  }
   const auto d = topk_idx.dimensions();
   if (d.size() != 2 || d[0] > l.max_tokens || d[1] != l.num_topk || !Dims(topk_weights, {d[0], d[1]})) {
     return Fail(target, "topk_idx / topk_weights must be [T <= T_max, num_topk]");
@@ -199,6 +204,7 @@ ffi::Error CombineRecvArgsOf(const char* target, const LowLatencyLayout& l, ffi:
   }
   a->y = y.untyped_data();
   a->layout_range = layout_range.typed_data();
+  a->own_bits = reinterpret_cast<const uint32_t*>(own_bits.typed_data());
   a->topk_idx = topk_idx.typed_data();
   a->topk_weights = topk_weights.typed_data();
   a->num_tokens = static_cast<int>(d[0]);
@@ -222,7 +228,8 @@ ffi::Error CombineSendImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y
 }
 
 ffi::Error CombineRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi::U32> ticket, ffi::AnyBuffer y,
-                           ffi::Buffer<ffi::S32> layout_range, ffi::Buffer<ffi::S32> topk_idx,
+                           ffi::Buffer<ffi::S32> layout_range, ffi::Buffer<ffi::S32> own_bits,
+                           ffi::Buffer<ffi::S32> topk_idx,
                            ffi::Buffer<ffi::F32> topk_weights, int64_t uid, ffi::Result<ffi::AnyBuffer> out) {
   PeerView view;
   int num_blocks = 0;
@@ -230,7 +237,7 @@ ffi::Error CombineRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi:
   if (!LowLatencyView(kCombineRecv, uid, device, &view, &num_blocks, &error)) return error;
   if (ticket.element_count() != 2) return Fail(kCombineRecv, "ticket must be uint32 [2]");
   LowLatencyCombineRecvArgs a;
-  error = CombineRecvArgsOf(kCombineRecv, view.ll, y, layout_range, topk_idx, topk_weights, out, &a);
+  error = CombineRecvArgsOf(kCombineRecv, view.ll, y, layout_range, own_bits, topk_idx, topk_weights, out, &a);
   if (error.failure()) return error;
   a.ticket = ticket.typed_data();
   return Launched(kCombineRecv, launch_low_latency_combine_recv(view, a, num_blocks, stream));
@@ -239,7 +246,8 @@ ffi::Error CombineRecvImpl(cudaStream_t stream, int32_t device, ffi::Buffer<ffi:
 // Send and receive of one combine in one call; `ticket` is the pair's scratch word.
 ffi::Error CombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y, ffi::Buffer<ffi::S32> src_info,
                        ffi::Buffer<ffi::S32> layout_range, ffi::Buffer<ffi::S32> recv_k,
-                       ffi::Buffer<ffi::S32> topk_idx, ffi::Buffer<ffi::F32> topk_weights, int64_t uid,
+                       ffi::Buffer<ffi::S32> own_bits, ffi::Buffer<ffi::S32> topk_idx,
+                       ffi::Buffer<ffi::F32> topk_weights, int64_t uid,
                        ffi::ResultBuffer<ffi::U32> ticket, ffi::Result<ffi::AnyBuffer> out) {
   PeerView view;
   int num_blocks = 0;
@@ -249,7 +257,7 @@ ffi::Error CombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer y, ff
   error = CombineSendArgsOf(kCombine, view.ll, y, src_info, layout_range, recv_k, &send);
   if (error.failure()) return error;
   LowLatencyCombineRecvArgs recv;
-  error = CombineRecvArgsOf(kCombine, view.ll, y, layout_range, topk_idx, topk_weights, out, &recv);
+  error = CombineRecvArgsOf(kCombine, view.ll, y, layout_range, own_bits, topk_idx, topk_weights, out, &recv);
   if (error.failure()) return error;
   if (ticket->element_count() != 2) return Fail(kCombine, "ticket must be uint32 [2]");
   send.ticket = ticket->typed_data();
@@ -288,7 +296,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpLowLatencyDispatchRecv, jax_ep::DispatchRecvI
                                   .Ret<ffi::Buffer<ffi::S32>>()     // count [E_loc]
                                   .Ret<ffi::Buffer<ffi::S32>>()     // src_info [E_loc, S]
                                   .Ret<ffi::Buffer<ffi::S32>>()     // layout_range [E_loc, R]
-                                  .Ret<ffi::Buffer<ffi::S32>>(),    // recv_k [E_loc, S]
+                                  .Ret<ffi::Buffer<ffi::S32>>()     // recv_k [E_loc, S]
+                                  .Ret<ffi::Buffer<ffi::S32>>(),    // own_bits [E_loc, W]
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpLowLatencyCombineSend, jax_ep::CombineSendImpl,
@@ -310,6 +319,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpLowLatencyCombineRecv, jax_ep::CombineRecvImp
                                   .Arg<ffi::Buffer<ffi::U32>>()     // ticket [2]
                                   .Arg<ffi::AnyBuffer>()            // y [E_loc, S, H] bf16 (own tokens' answers)
                                   .Arg<ffi::Buffer<ffi::S32>>()     // layout_range [E_loc, R]
+                                  .Arg<ffi::Buffer<ffi::S32>>()     // own_bits [E_loc, W]
                                   .Arg<ffi::Buffer<ffi::S32>>()     // topk_idx [T, K]
                                   .Arg<ffi::Buffer<ffi::F32>>()     // topk_weights [T, K]
                                   .Attr<int64_t>("uid")
@@ -332,7 +342,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpLowLatencyDispatch, jax_ep::DispatchImpl,
                                   .Ret<ffi::Buffer<ffi::S32>>()     // count [E_loc]
                                   .Ret<ffi::Buffer<ffi::S32>>()     // src_info [E_loc, S]
                                   .Ret<ffi::Buffer<ffi::S32>>()     // layout_range [E_loc, R]
-                                  .Ret<ffi::Buffer<ffi::S32>>(),    // recv_k [E_loc, S]
+                                  .Ret<ffi::Buffer<ffi::S32>>()     // recv_k [E_loc, S]
+                                  .Ret<ffi::Buffer<ffi::S32>>(),    // own_bits [E_loc, W]
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpLowLatencyCombine, jax_ep::CombineImpl,
@@ -343,6 +354,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpLowLatencyCombine, jax_ep::CombineImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()     // src_info [E_loc, S]
                                   .Arg<ffi::Buffer<ffi::S32>>()     // layout_range [E_loc, R]
                                   .Arg<ffi::Buffer<ffi::S32>>()     // recv_k [E_loc, S]
+                                  .Arg<ffi::Buffer<ffi::S32>>()     // own_bits [E_loc, W]
                                   .Arg<ffi::Buffer<ffi::S32>>()     // topk_idx [T, K]
                                   .Arg<ffi::Buffer<ffi::F32>>()     // topk_weights [T, K]
                                   .Attr<int64_t>("uid")

@@ -131,12 +131,10 @@ Layouts Layout(int num_ranks, int capacity, int max_tokens, int num_topk, int ma
     if (ll_num_experts % num_ranks || ll_hidden < 8 || ll_hidden % 8) {
       throw std::invalid_argument("jax_ep: low-latency mode needs num_experts % num_ranks == 0 and hidden % 8 == 0");
     }
-    const int64_t bitmap = int64_t{4} * ll_num_experts * ((max_tokens + 31) / 32);
-    if (bitmap > jax_ep::kLowLatencyMaxBitmapBytes || max_tokens >= (1 << jax_ep::kSignalCountBits)) {
-      throw std::invalid_argument(
-          "jax_ep: low-latency mode needs num_experts * ceil(max_tokens_per_rank / 32) * 4 <= " +
-          std::to_string(jax_ep::kLowLatencyMaxBitmapBytes) + " bytes (got " + std::to_string(bitmap) +
-          "): use fewer tokens per rank for decode");
+    if (max_tokens > jax_ep::kLowLatencyMaxTokens) {
+      throw std::invalid_argument("jax_ep: low-latency mode needs max_tokens_per_rank <= " +
+                                  std::to_string(jax_ep::kLowLatencyMaxTokens) + " (got " +
+                                  std::to_string(max_tokens) + "): use fewer tokens per rank for decode");
     }
   }
   l.low_latency = jax_ep::make_low_latency_layout(l.intranode.total, num_ranks, ll_num_experts, max_tokens, num_topk,

@@ -165,7 +165,9 @@ class Buffer:
             E = self.num_experts
             stride = (16 + 2 * H + 15) // 16 * 16
             # timing: kLowLatencyTimingWords = 18 + 32 * 4 * 4 u64 (cuda/low_latency_layout.cuh)
-            sizes += [8, 8, 16, 8 * (18 + 32 * 4 * 4), 8 * 2 * E, 8 * R, 8 * 2 * R, 8 * R, 2 * E * T * stride, 2 * T * K * 2 * H]
+            # dispatch presence bits: u32[4][E_loc][R][ceil(T_max / 32)]
+            sizes += [8, 8, 16, 8 * (18 + 32 * 4 * 4), 8 * 2 * R, 4 * 4 * E * ((T + 31) // 32), 8 * R, 8 * 2 * R, 8 * R,
+                      2 * E * T * stride, 2 * T * K * 2 * H]
         return int(sum(area(n) for n in sizes))
 
     # -- lifetime -------------------------------------------------------------------------------------------

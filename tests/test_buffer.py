@@ -139,17 +139,17 @@ def test_size_hint_matches_the_cuda_layout():
 
 
 def test_low_latency_buffer_too_many_tokens_is_a_clear_error():
-    """The low-latency send kernel keeps one bit per (expert, token) in shared memory: a T_max past that
-    budget is refused when the CUDA runtime sizes the buffer, with a message saying what to change."""
+    """The low-latency receive keeps one (expert, source) pair's presence bits and 16-bit row slots in shared
+    memory: a T_max past that bound is refused when the CUDA runtime sizes the buffer, saying what to change."""
     from jax_ep import _cuda
     if _cuda.extension_error() is not None:
         pytest.skip("CUDA extension not built")
     ext = _cuda.extension()
-    args = dict(num_ranks=8, capacity=8, max_tokens=1504, num_topk=8, max_row_bytes=64, max_scale_bytes=4,
-                ll_hidden=7168)
-    assert ext.intranode_bytes(ll_num_experts=256, **args) > 0            # 256 x 47 words: fits
+    args = dict(num_ranks=8, capacity=8, num_topk=8, max_row_bytes=64, max_scale_bytes=4, ll_hidden=7168,
+                ll_num_experts=256)
+    assert ext.intranode_bytes(max_tokens=16384, **args) > 0
     with pytest.raises(ValueError, match="fewer tokens per rank"):
-        ext.intranode_bytes(ll_num_experts=256, **dict(args, max_tokens=1505))
+        ext.intranode_bytes(max_tokens=16385, **args)
 
 
 def test_ranks_per_node_selects_internode_mode():

@@ -5,8 +5,10 @@ payload rows past ``count[e]`` untouched (writing the R*T_max-row tail would cos
 ``src_info`` marks them -1). A send returns a device-side ticket (the op's epoch) that its receive reads,
 so XLA may place independent work between the two while the transfer proceeds. The handle's private
 arrays are ``recv_k [E_loc, S]`` (the first k of the source token naming the expert: the source's combine
-slot) plus ``src_info`` / ``layout_range`` for the combine send. A combine's pending token carries ``y`` and
-``layout_range`` too: a rank's answers to its own tokens are read from y by the receive, never staged.
+slot), ``own_bits [E_loc, ceil(T_max / 32)]`` (bit t set when this rank's token t was received for the expert:
+where the combine finds its own tokens' answers in y) plus ``src_info`` / ``layout_range`` for the combine
+send. A combine's pending token carries ``y``, ``layout_range`` and ``own_bits`` too: a rank's answers to its
+own tokens are read from y by the receive, never staged.
 """
 
 from __future__ import annotations
@@ -46,14 +48,16 @@ def _dispatch_results(cfg):
         x_sds = sds((E_loc, S, H), jnp.bfloat16)
         scale_sds = sds((1,), jnp.float32)  # unused by bf16; never zero-sized (see normal.rm_dispatch)
     i32 = jnp.int32
-    return (x_sds, scale_sds, sds((E_loc,), i32), sds((E_loc, S), i32), sds((E_loc, R), i32), sds((E_loc, S), i32))
+    token_words = (cfg.max_tokens_per_rank + 31) // 32
+    return (x_sds, scale_sds, sds((E_loc,), i32), sds((E_loc, S), i32), sds((E_loc, R), i32), sds((E_loc, S), i32),
+            sds((E_loc, token_words), i32))
 
 
 def _dispatch_output(cfg, out):
-    x, scales, count, src_info, layout_range, recv_k = out
+    x, scales, count, src_info, layout_range, recv_k, own_bits = out
     return dict(x=x, x_scales=scales if cfg.use_fp8 else None, count=count, src_info=src_info,
                 layout_range=layout_range,
-                arrays=dict(recv_k=recv_k, src_info=src_info, layout_range=layout_range))
+                arrays=dict(recv_k=recv_k, src_info=src_info, layout_range=layout_range, own_bits=own_bits))
 
 
 def dispatch_recv(cfg, pending):
@@ -75,14 +79,14 @@ def combine_send(cfg, y, arrays):
     (ticket,) = _call("jax_ep_ll_combine_send", (_TICKET,), y, arrays["src_info"], arrays["layout_range"],
                       arrays["recv_k"], uid=cfg.runtime_uid)
     # The receive reads a rank's answers to its own tokens from y (the send does not stage them).
-    return dict(ticket=vary_like(ticket, y), y=y, layout_range=arrays["layout_range"])
+    return dict(ticket=vary_like(ticket, y), y=y, layout_range=arrays["layout_range"], own_bits=arrays["own_bits"])
 
 
 def combine_recv(cfg, pending, topk_idx, topk_weights):
     T = topk_idx.shape[0]
     H = cfg.hidden
     (out,) = _call("jax_ep_ll_combine_recv", (jax.ShapeDtypeStruct((T, H), jnp.bfloat16),), pending["ticket"],
-                   pending["y"], pending["layout_range"], topk_idx, topk_weights.astype(jnp.float32),
+                   pending["y"], pending["layout_range"], pending["own_bits"], topk_idx, topk_weights.astype(jnp.float32),
                    uid=cfg.runtime_uid)
     return vary_like(out, topk_idx)
 
@@ -91,6 +95,6 @@ def combine(cfg, y, arrays, topk_idx, topk_weights):
     """Both phases in one call (see ``dispatch``)."""
     T = topk_idx.shape[0]
     _, out = _call("jax_ep_ll_combine", (_TICKET, jax.ShapeDtypeStruct((T, cfg.hidden), jnp.bfloat16)), y,
-                   arrays["src_info"], arrays["layout_range"], arrays["recv_k"], topk_idx,
+                   arrays["src_info"], arrays["layout_range"], arrays["recv_k"], arrays["own_bits"], topk_idx,
                    topk_weights.astype(jnp.float32), uid=cfg.runtime_uid)
     return vary_like(out, topk_idx)
