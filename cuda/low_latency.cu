@@ -52,10 +52,12 @@ __device__ __forceinline__ int sanitize(int id, int num_experts) { return id >= 
 
 // True in every thread of the block that finishes last; its stores (and every other block's, fenced
 // before counting) are then visible to whatever it signals. The counter is left at zero for the next op.
-// A receive kernel's signal ("done with your staging") needs only its blocks' loads of peer-written memory ordered
-// before it, and those have returned before a block counts: a GPU-scope release and acquire around the counter
-// carry that to the last block's system-scope signal, without waiting for the blocks' output stores to drain at
-// system scope (measured on the H200: 1-2 us off each op; docs/low_latency.md).
+// A receive kernel's signal ("done with your staging") needs its blocks' loads of peer-written memory ordered
+// before it, which have returned before a block counts, and the dispatch receive's clearing of the presence bits
+// that the next senders set, which a GPU-scope fence makes visible at this GPU's L2, where every peer's atomics
+// land: a GPU-scope release and acquire around the counter carry both to the last block's system-scope signal,
+// without waiting for the blocks' output stores to drain at system scope (measured on the H200: 1-2 us off each
+// op; docs/low_latency.md). Do not weaken it below GPU scope.
 __device__ bool last_block_to_finish(unsigned* counter, bool system_scope = true) {
   __shared__ bool s_last;
   if (system_scope) __threadfence_system(); else fence_acq_rel_gpu();
@@ -312,7 +314,7 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_se
     const int n = num_dests;
     if (threadIdx.x < n) {  // the row's header and its presence bit (the owner's receive compacts by these bits)
       *reinterpret_cast<int4*>(dest_rows[threadIdx.x]) = make_int4(t, dest_k[threadIdx.x], 0, 0);
-      atomicOr(dest_bits[threadIdx.x], 1u << (t & 31));
+      atomicOr(dest_bits[threadIdx.x], 1u << (t & 31));  // GPU scope suffices: only this rank writes this word
     }
     const int4* x = reinterpret_cast<const int4*>(static_cast<const uint8_t*>(a.x) + static_cast<size_t>(t) * H * 2);
     // Piece j (16 bytes = 8 channels) of the row is thread j % kThreads's; in fp8 a half-warp owns a

@@ -142,7 +142,8 @@ class Buffer:
         over several nodes, C staging rows and an R x T_max combine area instead of the stages, network send / receive rows, the
         forwarder's per-node reduce rows and partial sums (cuda/internode.cuh); with ``low_latency``, a
         double-buffered expert-major
-        staging area ``2 x E x T_max`` rows of ``16 + 2H`` bytes and a ``2 x T_max x K`` bf16 combine area.
+        staging area ``2 x E x T_max`` rows of ``16 + 2H`` bytes, its presence bits (``4 x E x ceil(T_max / 32)``
+        words) and a ``2 x T_max x K`` bf16 combine area.
         The reference backend allocates nothing."""
         def area(nbytes):
             return (nbytes + 255) // 256 * 256
