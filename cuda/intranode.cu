@@ -408,6 +408,9 @@ const char* wait_phase_name(int phase) {
     case kPhaseLowLatencyTooMany:
       return "a low-latency send while two results of the same kind were still pending (call *_recv before a "
              "third *_send)";
+    case kPhaseLowLatencyOutOfOrder:
+      return "a low-latency receive before an earlier pending result of the same kind was received (receive "
+             "results in the order they were sent)";
     default: return "unknown phase";
   }
 }

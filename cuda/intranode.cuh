@@ -99,6 +99,7 @@ enum WaitPhase : int {
   kPhaseInternodeEnter = 14,     // combine / cached dispatch entry barrier
   kPhaseInternodeReduce = 15,    // a forwarder waiting for its node's combine rows
   kPhaseInternodeCombine = 16,   // a source waiting for another node's partial sums
+  kPhaseLowLatencyOutOfOrder = 17,  // a receive before an earlier pending result of its kind (not a wait)
 };
 const char* wait_phase_name(int phase);
 

@@ -41,6 +41,9 @@ constexpr float kFp8Max = 448.f;
 constexpr float kAmaxFloor = 1e-4f;     // jax_ep.fp8.AMAX_FLOOR
 constexpr uint32_t kFp8MaxInvBits = 0x3b124925u;  // float32(1 / 448), as jax_ep.fp8._FP8_MAX_INV
 constexpr uint8_t kUe8m0One = 127;      // padding byte of a packed UE8M0 word (jax_ep.fp8)
+// The thread that checks the buffer is open (trap_if_closed): its warp waits for that load, and warp 5 has no early
+// job in any kernel here (thread 0 had: the receives' first signal, the combine's token setup, the send's routing).
+constexpr unsigned kLivenessChecker = 160;
 
 enum Kernel : int { kDispatchSendKernel = 0, kDispatchRecvKernel = 1, kCombineSendKernel = 2, kCombineRecvKernel = 3 };
 
@@ -50,23 +53,24 @@ __device__ __forceinline__ uint64_t ticket_epoch(const uint32_t* ticket) {
 
 __device__ __forceinline__ int sanitize(int id, int num_experts) { return id >= 0 && id < num_experts ? id : -1; }
 
-// True in every thread of the block that finishes last; its stores (and every other block's, fenced
-// before counting) are then visible to whatever it signals. The counter is left at zero for the next op.
-// A receive kernel's signal ("done with your staging") needs its blocks' loads of peer-written memory ordered
-// before it, which have returned before a block counts, and the dispatch receive's clearing of the presence bits
-// that the next senders set, which a GPU-scope fence makes visible at this GPU's L2, where every peer's atomics
-// land: a GPU-scope release and acquire around the counter carry both to the last block's system-scope signal,
-// without waiting for the blocks' output stores to drain at system scope (measured on the H200: 1-2 us off each
-// op; docs/low_latency.md). Do not weaken it below GPU scope.
-__device__ bool last_block_to_finish(unsigned* counter, bool system_scope = true) {
+// True in every thread of the block that finishes last; its signals (system-scope releases) then cover every other
+// block's memory operations too. The counter is left at zero for the next op.
+// The counter is a GPU-scope release / acquire: every block is on this GPU, and the PTX memory model's release is
+// cumulative, so the last block's system-scope signal orders whatever the other blocks did before counting for any
+// peer that acquires it -- a send's row stores (to peers on this GPU or over NVLink), a receive's loads of
+// peer-written staging and the dispatch receive's clearing of the presence bits. A system-scope fence in every
+// block instead waited for that block's stores to drain at system scope: measured on the H200, 1-2 us more per
+// receive op (3a96f16) and 0.4-0.8 us per send at R=2, 1.5-2.5 us at R=8 (docs/low_latency.md, tenth session).
+// Do not weaken it below GPU scope.
+__device__ bool last_block_to_finish(unsigned* counter) {
   __shared__ bool s_last;
-  if (system_scope) __threadfence_system(); else fence_acq_rel_gpu();
+  fence_acq_rel_gpu();
   __syncthreads();
   if (threadIdx.x == 0) {
     s_last = atomicAdd(counter, 1u) == gridDim.x - 1;
     if (s_last) {
       *counter = 0;
-      if (system_scope) __threadfence_system(); else fence_acq_rel_gpu();
+      fence_acq_rel_gpu();
     }
   }
   __syncthreads();
@@ -83,10 +87,10 @@ __device__ __forceinline__ uint64_t* timeline_entry(const PeerView& v, int kerne
 }
 
 // Every block: block 0 stamps the kernel's start, every block raises the entry's latest block start (an older
-// op's value in the slot is always earlier, so no reset is needed).
-__device__ __forceinline__ void stamp_start(const PeerView& v, int kernel, uint64_t epoch) {
+// op's value in the slot is always earlier, so no reset is needed). `now`: the block's first instruction (read
+// before any load; written once the epoch says where).
+__device__ __forceinline__ void stamp_start(const PeerView& v, int kernel, uint64_t epoch, uint64_t now) {
   if (threadIdx.x != 0) return;
-  const uint64_t now = global_timer_ns();
   uint64_t* entry = timeline_entry(v, kernel, epoch);
   if (blockIdx.x == 0) {
     field<uint64_t>(v.local, v.ll.timing)[kernel] = now;
@@ -149,14 +153,19 @@ __device__ void wait_staging_free(const PeerView& v, size_t done_offset, uint64_
   if (dest_seen < epoch - 2) wait_flag_geq(v, done + dest, epoch - 2, dest, phase);
 }
 
-// The "done" flags wait_staging_free needs, for destination `dest`.
+// The "done" flags wait_staging_free needs, for destination `dest`. One acquire, issued last: an acquire load holds
+// back the loads after it until it returns, so two would cost two rounds. The own flag needs none: this rank's own
+// receive kernel, earlier in the stream, raised it, and a value too old is loaded again (acquire) before failing.
 struct DoneSeen {
   uint64_t own = 0, dest = 0;
 };
 
 __device__ __forceinline__ DoneSeen load_done_flags(const PeerView& v, size_t done_offset, int dest) {
   const uint64_t* done = field<uint64_t>(v.local, done_offset);
-  return DoneSeen{ld_acquire_sys(done + v.rank), ld_acquire_sys(done + dest)};
+  DoneSeen seen;
+  seen.own = ld_peer_written(done + v.rank);
+  seen.dest = ld_acquire_sys(done + dest);
+  return seen;
 }
 
 // A warp copies one chunk of a row: up to kChunkBytes (32 lanes x 4 x 16 B), every load in flight before
@@ -238,6 +247,33 @@ __device__ __forceinline__ float cast8_fp8(const int4& raw, bool round_scale, ui
   return scale_inv;
 }
 
+// A receive of epoch n must follow the receive of n - 1 (this rank's own "done" flag, which that receive's last
+// block raised, earlier in the stream): a receive run ahead of an earlier pending result would let a later send
+// reuse that result's staging before it is read. Block 0's thread 0 fails the call otherwise; it loads the flag
+// before its acquire of a signal (which would hold the load back a round).
+__device__ __forceinline__ uint64_t load_received(const PeerView& v, size_t done_offset) {
+  return blockIdx.x == 0 && threadIdx.x == 0 ? ld_peer_written(field<uint64_t>(v.local, done_offset) + v.rank) : 0;
+}
+
+__device__ __forceinline__ void check_receive_order(const PeerView& v, uint64_t received, uint64_t epoch) {
+  if (blockIdx.x == 0 && threadIdx.x == 0 && received + 1 != epoch) {
+    report_failure(v, v.rank, kPhaseLowLatencyOutOfOrder);
+    __trap();
+  }
+}
+
+// Receive kernels: wait until every rank's signal for this op (a [2][R] array indexed by parity, rank) has reached
+// `epoch`, before a __syncthreads. Threads i < 2R each load one word with the ticket -- both parities, since the
+// ticket is not known yet, and one acquire per thread, since an acquire holds back the thread's later loads until
+// it returns: the common case, a signal already raised, costs one round. The ranks kernels wait for are at most
+// kMaxPeers, so threads 2R.. (R <= 64: from 128 on) never wait here.
+__device__ __forceinline__ void wait_for_signals(const PeerView& v, const uint64_t* signals, uint64_t epoch, int phase) {
+  const int R = v.ll.num_ranks, i = threadIdx.x;
+  if (i >= 2 * R) return;
+  const uint64_t seen = ld_acquire_sys(signals + i);
+  if (static_cast<uint64_t>(i / R) == (epoch & 1) && seen < epoch) wait_flag_geq(v, signals + i, epoch, i % R, phase);
+}
+
 // -- dispatch ---------------------------------------------------------------------------------------------
 
 // The first kPrefetch 16-byte pieces a thread copies of a token row (H <= kPrefetch * kThreads * 8 channels:
@@ -262,20 +298,22 @@ __device__ __forceinline__ void prefetch_token(const LowLatencyDispatchSendArgs&
 }
 
 __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_send_kernel(PeerView v, LowLatencyDispatchSendArgs a) {
+  const uint64_t entry_ns = global_timer_ns();
   const LowLatencyLayout& l = v.ll;
   const int R = l.num_ranks, E = l.num_experts, E_loc = E / R, K = l.num_topk, H = l.hidden;
   const int T = a.num_tokens, T_max = l.max_tokens, W = low_latency_token_words(T_max), me = v.rank;
-  trap_if_closed(v);
   // The block's first token is loaded before the epoch: nothing about it depends on the op.
   TokenPrefetch pre;
   if (blockIdx.x < T) prefetch_token(a, blockIdx.x, H, K, E, &pre);
-  // The last warp checks that every destination's staging is free (system-scope loads, issued with the epoch's)
-  // while warp 0 finds the first token's destinations; nothing is written to a destination before that check.
+  trap_if_closed(v, kLivenessChecker);
+  // The last warp checks that every destination's staging is free (its acquire issued after the epoch's load, so
+  // both are one round) while warp 0 finds the first token's destinations; nothing is written to a destination
+  // before that check.
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const uint64_t epoch = ld_peer_written(field<uint64_t>(v.local, l.dispatch_epoch)) + 1;
   DoneSeen seen;
   if (warp == kWarps - 1 && lane < R) seen = load_done_flags(v, l.dispatch_done, lane);
-  const uint64_t epoch = ld_peer_written(field<uint64_t>(v.local, l.dispatch_epoch)) + 1;
-  stamp_start(v, kDispatchSendKernel, epoch);
+  stamp_start(v, kDispatchSendKernel, epoch, entry_ns);
   const size_t parity = epoch & 1, bits_copy = epoch % kLowLatencyBitsCopies;
   if (warp == kWarps - 1) {
     for (int r = lane; r < R; r += 32) {
@@ -374,6 +412,7 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_se
 // smaller than E). Source s's rows for e sit at their token's slot; its presence bits say which, and row j of
 // the output is the j-th of them (token order).
 __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_recv_kernel(PeerView v, LowLatencyDispatchRecvArgs a) {
+  const uint64_t entry_ns = global_timer_ns();
   // Dynamic shared memory: the block's (expert, source) pair's presence bits [W], then its rows' slots [T_max].
   extern __shared__ uint32_t pair_bits[];
   __shared__ int rows_from[kMaxPeers];
@@ -381,19 +420,14 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_re
   const int R = l.num_ranks, E_loc = l.num_experts / R, H = l.hidden, T_max = l.max_tokens, S = R * T_max;
   const int W = low_latency_token_words(T_max);
   uint16_t* const slot_of_row = reinterpret_cast<uint16_t*>(pair_bits + W);
-  trap_if_closed(v);
-  // Threads r < R wait for source r's signal (one per source: every pair of this block needs the same ones). Both
-  // parities are loaded with the ticket, so the common case -- already raised -- costs no load after it.
-  const uint64_t* signals = field<uint64_t>(v.local, l.dispatch_signal);
-  uint64_t seen_even = 0, seen_odd = 0;  // registers, not an array indexed at run time
-  if (threadIdx.x < R) {
-    seen_even = ld_acquire_sys(signals + threadIdx.x);
-    seen_odd = ld_acquire_sys(signals + R + threadIdx.x);
-  }
   const uint64_t epoch = ticket_epoch(a.ticket);
-  stamp_start(v, kDispatchRecvKernel, epoch);
   const size_t parity = epoch & 1;
-  bool arrived = (parity ? seen_odd : seen_even) >= epoch;
+  const uint64_t received = load_received(v, l.dispatch_done);
+  wait_for_signals(v, field<uint64_t>(v.local, l.dispatch_signal), epoch, kPhaseLowLatencyDispatchRecv);
+  trap_if_closed(v, kLivenessChecker);
+  check_receive_order(v, received, epoch);
+  stamp_start(v, kDispatchRecvKernel, epoch, entry_ns);
+  __syncthreads();  // every source's rows are there (the barrier orders the waiting threads' acquires before all)
   for (int pair = blockIdx.x; pair < E_loc * R; pair += gridDim.x) {
   const int e = pair / R, s = pair % R;
   // This op's copy of expert e's presence bits [R][W], and the copy the sends of epoch n + 2 will set.
@@ -401,8 +435,6 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_re
   uint32_t* const bits_next = field<uint32_t>(v.local, l.dispatch_bits) + (((epoch + 2) % kLowLatencyBitsCopies) * E_loc + e) * R * W;
   if (threadIdx.x < R) {
     const int r = threadIdx.x;
-    if (!arrived) wait_flag_geq(v, signals + parity * R + r, epoch, r, kPhaseLowLatencyDispatchRecv);
-    arrived = true;
     // Four words' loads in flight before any shared-memory store: the compiler may not move a load of a generic
     // pointer past a store to shared memory (it could alias), which made each word a dependent round.
     int rows = 0;
@@ -492,7 +524,7 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_re
   }
   __syncthreads();  // rows_from, pair_bits and slot_of_row are rewritten for the next pair
   }
-  if (last_block_to_finish(field<unsigned>(v.local, l.counters) + kDispatchRecvKernel, /*system_scope=*/false)) {
+  if (last_block_to_finish(field<unsigned>(v.local, l.counters) + kDispatchRecvKernel)) {
     stamp_end(v, kDispatchRecvKernel, epoch);
     add_wait_time(v, 0, kDispatchRecvKernel, epoch);
     if (threadIdx.x < R) st_release_sys(field<uint64_t>(v.peers[threadIdx.x], l.dispatch_done) + v.rank, epoch);
@@ -524,21 +556,22 @@ __device__ __forceinline__ CombineUnit combine_unit(const PeerView& v, const Low
 // Blocks stride over (local expert e, source rank s != me) pairs: send e's rows from s back to s, slot
 // [token][k]. A rank's answers to its own tokens are not staged: its receive reads them from y.
 __global__ void __launch_bounds__(kThreads) ll_combine_send_kernel(PeerView v, LowLatencyCombineSendArgs a) {
+  const uint64_t entry_ns = global_timer_ns();
   const LowLatencyLayout& l = v.ll;
   const int R = l.num_ranks, H = l.hidden, K = l.num_topk, T_max = l.max_tokens;
   const int S = R * T_max, E_loc = l.num_experts / R;
-  trap_if_closed(v);
   // A grid of at least twice the pairs splits each pair's rows over gridDim / pairs blocks (the launcher's choice).
   const int pairs = E_loc * (R - 1), splits = pairs > 0 && gridDim.x >= 2 * pairs ? gridDim.x / pairs : 1;
-  // Loaded together before anything waits: the destinations' "done" flags (the last R threads check them), the
-  // block's first unit and the epoch.
+  // Loaded together before anything waits: the block's first unit, the epoch and, issued last (an acquire holds
+  // back the loads after it), the destinations' "done" flags that the last R threads check.
   const int waiter = static_cast<int>(threadIdx.x) - (kThreads - R);
-  DoneSeen seen;
-  if (waiter >= 0) seen = load_done_flags(v, l.combine_done, waiter);
   CombineUnit u;
   if (static_cast<int>(blockIdx.x) < pairs * splits) u = combine_unit(v, a, blockIdx.x, splits);
+  trap_if_closed(v, kLivenessChecker);
   const uint64_t epoch = ld_peer_written(field<uint64_t>(v.local, l.combine_epoch)) + 1;
-  stamp_start(v, kCombineSendKernel, epoch);
+  DoneSeen seen;
+  if (waiter >= 0) seen = load_done_flags(v, l.combine_done, waiter);
+  stamp_start(v, kCombineSendKernel, epoch, entry_ns);
   const size_t parity = epoch & 1;
   if (waiter >= 0) wait_staging_free(v, l.combine_done, epoch, waiter, kPhaseLowLatencyCombineSend, seen.own, seen.dest);
   __syncthreads();
@@ -590,8 +623,10 @@ __device__ __forceinline__ const int4* combine_answer_row(const PeerView& v, con
   const uint32_t* bits = a.own_bits + e * W;
   const uint32_t word = bits[t >> 5];
   int slot = __popc(word & ((1u << (t & 31)) - 1u));
+#pragma unroll 4
   for (int w = 0; w < (t >> 5); ++w) slot += __popc(bits[w]);
   int offset = 0;
+#pragma unroll 4
   for (int r = 0; r < v.rank; ++r) offset += min(max(a.layout_range[e * R + r], 0), T_max);
   const int rows = min(max(a.layout_range[e * R + v.rank], 0), T_max);
   if (!((word >> (t & 31)) & 1u) || slot >= rows || offset + slot >= R * T_max) return nullptr;
@@ -599,54 +634,65 @@ __device__ __forceinline__ const int4* combine_answer_row(const PeerView& v, con
                                        (static_cast<size_t>(e) * R * T_max + offset + slot) * (2 * H));
 }
 
-// Where token t's K answers are and their weights (threads k < K write answer[k] / weight[k]).
+// A token's routing, lane k < K of the setup warp holding its k-th expert id and weight: the first of a token's two
+// load rounds, which needs nothing of the op, so the block's first token's goes out before the ticket.
+struct TokenRoute {
+  int id = -1;
+  float weight = 0.f;
+};
+
+__device__ __forceinline__ TokenRoute load_token_route(const LowLatencyCombineRecvArgs& a, int t, int K, int E) {
+  TokenRoute route;
+  const int k = threadIdx.x & 31;
+  if (k < K) {
+    route.id = sanitize(a.topk_idx[t * K + k], E);
+    route.weight = a.topk_weights[t * K + k];
+  }
+  return route;
+}
+
+// Where token t's K answers are (the second round: the handle's words for answers this rank owns), called by the
+// whole setup warp; lanes k < K write answer[k] / weight[k].
 __device__ __forceinline__ void combine_token_setup(const PeerView& v, const LowLatencyCombineRecvArgs& a,
-                                                    size_t parity, int t, const int4** answer, float* weight) {
-  const int K = v.ll.num_topk, E = v.ll.num_experts;
-  if (threadIdx.x < K) {
-    const int k = threadIdx.x, id = sanitize(a.topk_idx[t * K + k], E);
-    int first = k;
-    for (int j = 0; j < k && id >= 0; ++j) {
-      if (a.topk_idx[t * K + j] == id) {
-        first = j;
-        break;
-      }
-    }
-    answer[k] = id < 0 ? nullptr : combine_answer_row(v, a, parity, t, id, first);
-    weight[k] = a.topk_weights[t * K + k];
+                                                    size_t parity, int t, const TokenRoute& route, const int4** answer,
+                                                    float* weight) {
+  const int K = v.ll.num_topk, k = threadIdx.x & 31;
+  int first = k;  // the first k naming this expert: the slot the owner answered into
+  for (int j = 0; j < K; ++j) {
+    const int other = __shfl_sync(kFullMask, route.id, j);
+    if (j < first && other == route.id) first = j;
+  }
+  if (k < K) {
+    answer[k] = route.id < 0 ? nullptr : combine_answer_row(v, a, parity, t, route.id, first);
+    weight[k] = route.weight;
   }
 }
 
 // Blocks stride over tokens (at least one block, which also does the handshake when T = 0). Where the block's
-// first token's answers are needs no peer, so it is found before the wait.
+// first token's answers are needs no peer, so the last warp finds it while threads i < 2R wait for the owners.
 __global__ void __launch_bounds__(kThreads) ll_combine_recv_kernel(PeerView v, LowLatencyCombineRecvArgs a) {
   __shared__ const int4* answer[32];
   __shared__ float weight[32];
+  const uint64_t entry_ns = global_timer_ns();
   const LowLatencyLayout& l = v.ll;
-  const int R = l.num_ranks, H = l.hidden, K = l.num_topk;
-  trap_if_closed(v);
-  // The last R threads wait for the owners' signals (both parities loaded with the ticket, so the common case --
-  // already raised -- costs no load after it) while the first K find the block's first token's answers.
-  const int waiter = static_cast<int>(threadIdx.x) - (kThreads - R);
-  const uint64_t* signals = field<uint64_t>(v.local, l.combine_signal);
-  uint64_t seen_even = 0, seen_odd = 0;  // registers, not an array indexed at run time
-  if (waiter >= 0) {
-    seen_even = ld_acquire_sys(signals + waiter);
-    seen_odd = ld_acquire_sys(signals + R + waiter);
-  }
+  const int R = l.num_ranks, H = l.hidden, K = l.num_topk, E = l.num_experts;
+  const bool setup_warp = threadIdx.x >= kThreads - 32;
+  TokenRoute route;
+  if (setup_warp && blockIdx.x < a.num_tokens) route = load_token_route(a, blockIdx.x, K, E);
   const uint64_t epoch = ticket_epoch(a.ticket);
-  stamp_start(v, kCombineRecvKernel, epoch);
   const size_t parity = epoch & 1;
-  if (blockIdx.x < a.num_tokens) combine_token_setup(v, a, parity, blockIdx.x, answer, weight);
-  if (waiter >= 0 && (parity ? seen_odd : seen_even) < epoch) {
-    wait_flag_geq(v, signals + parity * R + waiter, epoch, waiter, kPhaseLowLatencyCombineRecv);
-  }
+  const uint64_t received = load_received(v, l.combine_done);
+  wait_for_signals(v, field<uint64_t>(v.local, l.combine_signal), epoch, kPhaseLowLatencyCombineRecv);
+  trap_if_closed(v, kLivenessChecker);
+  check_receive_order(v, received, epoch);
+  stamp_start(v, kCombineRecvKernel, epoch, entry_ns);
+  if (setup_warp && blockIdx.x < a.num_tokens) combine_token_setup(v, a, parity, blockIdx.x, route, answer, weight);
   __syncthreads();
   if (threadIdx.x == 0) stamp_wait_end(v, 1);
   for (int t = blockIdx.x; t < a.num_tokens; t += gridDim.x) {
   if (t != static_cast<int>(blockIdx.x)) {
     __syncthreads();  // answer / weight of the previous token are no longer read
-    combine_token_setup(v, a, parity, t, answer, weight);
+    if (setup_warp) combine_token_setup(v, a, parity, t, load_token_route(a, t, K, E), answer, weight);
     __syncthreads();
   }
   {
@@ -678,7 +724,7 @@ __global__ void __launch_bounds__(kThreads) ll_combine_recv_kernel(PeerView v, L
     }
   }
   }
-  if (last_block_to_finish(field<unsigned>(v.local, l.counters) + kCombineRecvKernel, /*system_scope=*/false)) {
+  if (last_block_to_finish(field<unsigned>(v.local, l.counters) + kCombineRecvKernel)) {
     stamp_end(v, kCombineRecvKernel, epoch);
     add_wait_time(v, 1, kCombineRecvKernel, epoch);
     if (threadIdx.x < R) st_release_sys(field<uint64_t>(v.peers[threadIdx.x], l.combine_done) + v.rank, epoch);

@@ -70,9 +70,10 @@ __device__ __forceinline__ void wait_flag_geq(const PeerView& v, const uint64_t*
   }
 }
 
-// First thing of every op: a graph captured while the buffer was open must not touch freed memory.
-__device__ __forceinline__ void trap_if_closed(const PeerView& v) {
-  if (threadIdx.x == 0 && v.alive != nullptr && *reinterpret_cast<const volatile int*>(v.alive) == 0) {
+// Before an op writes anything: a graph captured while the buffer was open must not touch freed memory. One thread
+// checks (`checker`; its warp waits for the load, so kernels whose thread 0 is on the critical path name another).
+__device__ __forceinline__ void trap_if_closed(const PeerView& v, unsigned checker = 0) {
+  if (threadIdx.x == checker && v.alive != nullptr && *reinterpret_cast<const volatile int*>(v.alive) == 0) {
     printf("jax_ep: rank %d: op on a closed Buffer (a compiled step replayed after close())\n", v.rank);
     __trap();
   }

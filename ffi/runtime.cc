@@ -103,7 +103,7 @@ std::vector<std::unique_ptr<GroupState>> take(int64_t uid) {
 // The recorded failure {phase + 1, rank, peer} in words.
 std::string describe_failure(volatile int* d) {
   const int phase = d[0] - 1;
-  if (phase == kPhaseLowLatencyTooMany || phase == kPhaseClosed) {
+  if (phase == kPhaseLowLatencyTooMany || phase == kPhaseLowLatencyOutOfOrder || phase == kPhaseClosed) {
     return "rank " + std::to_string(d[1]) + ": " + wait_phase_name(phase);
   }
   return "rank " + std::to_string(d[1]) + " timed out waiting for rank " + std::to_string(d[2]) + " in " +

@@ -85,3 +85,11 @@ def test_third_send_in_flight_fails_with_message():
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "gpu", "ll_too_many_check.py")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+def test_receive_out_of_order_fails_with_message():
+    if not cuda_devices():
+        pytest.skip("no GPU")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "gpu", "ll_out_of_order_check.py")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
