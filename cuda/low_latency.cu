@@ -1,14 +1,14 @@
 // Low-latency (decode) dispatch / combine kernels (protocol in low_latency.cuh, memory in
 // low_latency_layout.cuh; the design and its measurements in docs/low_latency.md).
 //
-// Dispatch send: one block per token: warp 0 finds the token's distinct experts; every thread casts its pieces
-// of the bf16 row to fp8 once if asked (the exact recipe of jax_ep.fp8) and stores them, with a 16-byte header
-// {token, k}, into each owner's staging area for (expert, me) at slot t (the token index: a block needs no view
-// of the other tokens), and sets bit t of the owner's presence bits for (expert, me). The last block to finish
-// raises one signal per owner.
+// Dispatch send: one block per token: warp 0 finds the token's distinct experts and their owner ranks; every thread
+// casts its pieces of the bf16 row to fp8 once if asked (the exact recipe of jax_ep.fp8) and stores them, with a
+// header {token, its K expert ids}, once into each owner's staging area for this source at slot t (the token index:
+// a block needs no view of the other tokens; one row serves all of the owner's experts the token named), and sets bit
+// t of the owner's presence bits for each (expert, me). The last block to finish raises one signal per owner.
 // Dispatch receive: blocks stride over (local expert, source rank) pairs, wait for every source's signal, count
 // each source's rows off its presence bits, and copy the pair's rows in token order to offset
-// sum_{s' < s} count(s') of the expert's output rows.
+// sum_{s' < s} count(s') of the expert's output rows (the header gives each row's k for this expert).
 // Combine mirrors it: the owner writes each answer to another rank's token into that rank's slot
 // [token][k]; the source sums w[t, k] * y in f32 in ascending k (the reference's order), reading its own
 // tokens' answers straight from y.
@@ -36,7 +36,6 @@ constexpr int kWarps = kThreads / 32;
 // first, the R=8 send's 21.5 us; at five blocks per SM 0.1-0.4 us (R=8 p90 still 22-37 us for the receive).
 constexpr int kDispatchBlocksPerSm = 5;
 constexpr unsigned kFullMask = 0xffffffffu;
-constexpr int kHeaderBytes = 16;
 constexpr float kFp8Max = 448.f;
 constexpr float kAmaxFloor = 1e-4f;     // jax_ep.fp8.AMAX_FLOOR
 constexpr uint32_t kFp8MaxInvBits = 0x3b124925u;  // float32(1 / 448), as jax_ep.fp8._FP8_MAX_INV
@@ -322,37 +321,41 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_se
     }
   }
 
-  // One block per token: warp 0 finds the token's distinct destinations (expert owner; the slot is the token
-  // index), then every thread casts / copies its pieces of the row once and stores them to all of them.
+  // One block per token: warp 0 finds the token's distinct owner ranks (one row each, at slot t of the owner's area
+  // for this source) and sets bit t of each named expert's presence bits there; then every thread casts / copies
+  // its pieces of the row once and stores them to every owner.
   __shared__ uint8_t* dest_rows[32];
-  __shared__ uint32_t* dest_bits[32];
-  __shared__ int dest_k[32];
+  __shared__ int token_ids[32];
   __shared__ int num_dests;
-  const int payload_bytes = a.use_fp8 ? H : 2 * H;
+  const int payload_bytes = a.use_fp8 ? H : 2 * H, header_bytes = low_latency_header_bytes(K);
   const bool round_scale = a.round_scale || a.use_ue8m0;
   for (int t = blockIdx.x; t < T; t += gridDim.x) {
     if (warp == 0) {
-      const int k = lane, id = pre.id;
-      bool first = id >= 0;  // a token naming an expert twice sends one row (from its first k)
+      const int k = lane, id = pre.id, owner = id >= 0 ? id / E_loc : -1;
+      bool first = id >= 0, first_of_owner = id >= 0;  // an expert named twice counts once (its first k)
       for (int j = 0; j < K; ++j) {
         const int other = __shfl_sync(kFullMask, id, j);
         if (j < k && other == id) first = false;
+        if (j < k && other >= 0 && other / E_loc == owner) first_of_owner = false;
       }
-      const unsigned mask = __ballot_sync(kFullMask, first);
-      if (first) {
-        const int dest = id / E_loc, e = id % E_loc, d = __popc(mask & ((1u << lane) - 1u));
-        dest_rows[d] = v.peers[dest] + l.dispatch_stage +
-                       (((parity * E_loc + e) * R + me) * T_max + t) * static_cast<size_t>(l.row_stride);
-        dest_bits[d] = field<uint32_t>(v.peers[dest], l.dispatch_bits) + ((bits_copy * E_loc + e) * R + me) * W + (t >> 5);
-        dest_k[d] = k;
+      if (first) {  // the owner's receive finds expert e's rows by these bits; GPU scope: only this rank writes the word
+        atomicOr(field<uint32_t>(v.peers[owner], l.dispatch_bits) + ((bits_copy * E_loc + id % E_loc) * R + me) * W + (t >> 5),
+                 1u << (t & 31));
       }
+      const unsigned mask = __ballot_sync(kFullMask, first_of_owner);
+      if (first_of_owner) {
+        dest_rows[__popc(mask & ((1u << lane) - 1u))] =
+            v.peers[owner] + l.dispatch_stage + ((parity * R + me) * T_max + t) * static_cast<size_t>(l.row_stride);
+      }
+      token_ids[lane] = id;
       if (lane == 0) num_dests = __popc(mask);
     }
     __syncthreads();
     const int n = num_dests;
-    if (threadIdx.x < n) {  // the row's header and its presence bit (the owner's receive compacts by these bits)
-      *reinterpret_cast<int4*>(dest_rows[threadIdx.x]) = make_int4(t, dest_k[threadIdx.x], 0, 0);
-      atomicOr(dest_bits[threadIdx.x], 1u << (t & 31));  // GPU scope suffices: only this rank writes this word
+    // The header {t, the token's K expert ids}: an owner's receive finds there the first k naming each of its experts.
+    for (int i = threadIdx.x; i < n * (header_bytes / 4); i += kThreads) {
+      const int d = i / (header_bytes / 4), w = i % (header_bytes / 4);
+      reinterpret_cast<int*>(dest_rows[d])[w] = w == 0 ? t : (w <= K ? token_ids[w - 1] : -1);
     }
     const int4* x = reinterpret_cast<const int4*>(static_cast<const uint8_t*>(a.x) + static_cast<size_t>(t) * H * 2);
     // Piece j (16 bytes = 8 channels) of the row is thread j % kThreads's; in fp8 a half-warp owns a
@@ -372,7 +375,7 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_se
         if (!active) continue;
         const int g = j / 16;
         for (int d = 0; d < n; ++d) {
-          uint8_t* row = dest_rows[d] + kHeaderBytes;
+          uint8_t* row = dest_rows[d] + header_bytes;
           *reinterpret_cast<uint2*>(row + j * 8) = q;
           if ((lane & 15) == 0) {
             if (a.use_ue8m0) {
@@ -383,12 +386,12 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_se
           }
         }
       } else if (active) {
-        for (int d = 0; d < n; ++d) reinterpret_cast<int4*>(dest_rows[d] + kHeaderBytes)[j] = raw;
+        for (int d = 0; d < n; ++d) reinterpret_cast<int4*>(dest_rows[d] + header_bytes)[j] = raw;
       }
     }
     if (n > 0 && a.use_fp8 && a.use_ue8m0 && threadIdx.x < n) {  // the packed word's unused bytes (2^0)
       const int groups = H / 128;
-      uint8_t* scales = dest_rows[threadIdx.x] + kHeaderBytes + payload_bytes;
+      uint8_t* scales = dest_rows[threadIdx.x] + header_bytes + payload_bytes;
       for (int g = groups; g < (groups + 3) / 4 * 4; ++g) scales[g] = kUe8m0One;
     }
     __syncthreads();  // dest_rows is rewritten for the next token
@@ -406,6 +409,22 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_se
       a.ticket[1] = static_cast<uint32_t>(epoch >> 32);
     }
   }
+}
+
+// The first k whose id in a staged row's header {t, ids[K]} is `expert` (-1 if none), from the header's 16-byte units
+// as lanes < units loaded them (every lane of the warp calls).
+__device__ __forceinline__ int first_k_naming(const int4& unit, int lane, int units, int K, int expert) {
+  int k = K;
+  if (lane < units) {
+    const int word[4] = {unit.x, unit.y, unit.z, unit.w};
+#pragma unroll
+    for (int c = 3; c >= 0; --c) {
+      const int i = 4 * lane + c;  // header word i: ids[i - 1]
+      if (i >= 1 && i <= K && word[c] == expert) k = i - 1;
+    }
+  }
+  k = __reduce_min_sync(kFullMask, k);
+  return k < K ? k : -1;
 }
 
 // Blocks stride over (local expert e, source rank s) pairs (one pair per block unless the grid budget is
@@ -475,40 +494,44 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_re
   __syncthreads();  // slot_of_row
   const int payload_bytes = a.use_fp8 ? H : 2 * H;
   const int scale_bytes = a.use_fp8 ? 4 * low_latency_scale_words(H, a.use_ue8m0) : 0;
-  const uint8_t* stage = v.local + l.dispatch_stage + ((parity * E_loc + e) * R + s) * T_max * static_cast<size_t>(l.row_stride);
-  // A row's first chunk also carries its header (lane 0) and scales (lanes 1..units, 16- or 4-byte units),
-  // loaded in the same round as the payload: a row costs one dependent load round, not three.
+  // Source s's rows (one per token, shared by every expert of this rank the token named).
+  const uint8_t* stage = v.local + l.dispatch_stage + (parity * R + s) * T_max * static_cast<size_t>(l.row_stride);
+  // A row's first chunk also carries its header (lanes < header units) and scales (the next lanes, 16- or 4-byte
+  // units), loaded in the same round as the payload: a row costs one dependent load round, not three.
+  const int header_bytes = low_latency_header_bytes(l.num_topk), header_units = header_bytes / 16;
+  const int expert = v.rank * E_loc + e;  // the id the header names this expert by
   const bool wide_scales = scale_bytes % 16 == 0;
   const int scale_units = scale_bytes / (wide_scales ? 16 : 4);
-  const int units_with_payload = scale_units < 32 ? scale_units : 0;  // larger: copied after the payload
+  const int units_with_payload = header_units + scale_units <= 32 ? scale_units : 0;  // larger: copied after the payload
   const int lane = threadIdx.x & 31, chunks = ceil_div(payload_bytes, kChunkBytes);
   for (int item = threadIdx.x >> 5; item < rows * chunks; item += kWarps) {
     const int j = item / chunks, chunk = item % chunks;
     const uint8_t* row = stage + static_cast<size_t>(slot_of_row[j]) * l.row_stride;
-    const uint8_t* scales_in = row + kHeaderBytes + payload_bytes;
+    const uint8_t* scales_in = row + header_bytes + payload_bytes;
     const size_t out_row = static_cast<size_t>(e) * S + offset + j;
     int4 payload[4], extra = make_int4(0, 0, 0, 0);
-    warp_load_chunk<true>(row + kHeaderBytes, payload_bytes, chunk, payload);
-    if (chunk == 0 && lane <= units_with_payload) {
-      if (lane == 0) {
-        extra = ld_peer_written(reinterpret_cast<const int4*>(row));
+    warp_load_chunk<true>(row + header_bytes, payload_bytes, chunk, payload);
+    if (chunk == 0 && lane < header_units + units_with_payload) {
+      if (lane < header_units) {
+        extra = ld_peer_written(reinterpret_cast<const int4*>(row) + lane);
       } else if (wide_scales) {
-        extra = ld_peer_written(reinterpret_cast<const int4*>(scales_in) + lane - 1);
+        extra = ld_peer_written(reinterpret_cast<const int4*>(scales_in) + lane - header_units);
       } else {
-        extra.x = ld_peer_written(reinterpret_cast<const int*>(scales_in) + lane - 1);
+        extra.x = ld_peer_written(reinterpret_cast<const int*>(scales_in) + lane - header_units);
       }
     }
     warp_store_chunk(static_cast<uint8_t*>(a.out_x) + out_row * payload_bytes, payload_bytes, chunk, payload);
     if (chunk == 0) {
       uint8_t* scales_out = static_cast<uint8_t*>(a.out_scales) + out_row * scale_bytes;
+      const int k = first_k_naming(extra, lane, header_units, l.num_topk, expert);
       if (lane == 0) {
         a.out_src_info[out_row] = extra.x;
-        a.out_recv_k[out_row] = extra.y;
-      } else if (lane <= units_with_payload) {
+        a.out_recv_k[out_row] = k;
+      } else if (lane >= header_units && lane < header_units + units_with_payload) {
         if (wide_scales) {
-          reinterpret_cast<int4*>(scales_out)[lane - 1] = extra;
+          reinterpret_cast<int4*>(scales_out)[lane - header_units] = extra;
         } else {
-          reinterpret_cast<int*>(scales_out)[lane - 1] = extra.x;
+          reinterpret_cast<int*>(scales_out)[lane - header_units] = extra.x;
         }
       }
       if (scale_bytes && units_with_payload == 0) warp_copy4_peer_written(scales_in, scales_out, scale_bytes);
@@ -755,7 +778,7 @@ LowLatencyLayout make_low_latency_layout(size_t base, int num_ranks, int num_exp
   l.max_tokens = max_tokens;
   l.num_topk = num_topk;
   l.hidden = hidden;
-  l.row_stride = round_up(kHeaderBytes + 2 * hidden, 16);  // bf16 is the widest payload (fp8 + f32 scales < 2H)
+  l.row_stride = round_up(low_latency_header_bytes(num_topk) + 2 * hidden, 16);  // bf16 is the widest payload (fp8 + f32 scales < 2H)
   size_t off = round_up<size_t>(base, 256);
   auto take = [&off](size_t bytes) {
     const size_t at = off;
@@ -772,7 +795,7 @@ LowLatencyLayout make_low_latency_layout(size_t base, int num_ranks, int num_exp
   l.dispatch_done = take(8 * R);
   l.combine_signal = take(8 * 2 * R);
   l.combine_done = take(8 * R);
-  l.dispatch_stage = take(2 * E_loc * R * T * static_cast<size_t>(l.row_stride));
+  l.dispatch_stage = take(2 * R * T * static_cast<size_t>(l.row_stride));
   l.combine_stage = take(2 * T * K * 2 * H);
   l.end = off;
   return l;

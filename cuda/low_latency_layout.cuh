@@ -21,6 +21,9 @@ namespace jax_ep {
 // 32-bit words of a per-token bit set over T_max tokens.
 JAX_EP_HOST_DEVICE inline int low_latency_token_words(int max_tokens) { return (max_tokens + 31) / 32; }
 
+// Bytes of a staged dispatch row's header: {token, the token's K expert ids} as int32, 16-byte aligned.
+JAX_EP_HOST_DEVICE inline int low_latency_header_bytes(int num_topk) { return (4 * (1 + num_topk) + 15) / 16 * 16; }
+
 struct LowLatencyLayout {
   bool enabled = false;
   int num_ranks = 0;
@@ -28,7 +31,7 @@ struct LowLatencyLayout {
   int max_tokens = 0;       // T_max
   int num_topk = 0;         // K
   int hidden = 0;           // H
-  int row_stride = 0;       // bytes of one staged dispatch row: 16-byte header + the widest payload (bf16)
+  int row_stride = 0;       // bytes of one staged dispatch row: header (low_latency_header_bytes) + the widest payload (bf16)
   // Absolute byte offsets inside the rank's block (the area starts after the intranode one).
   size_t dispatch_epoch = 0;   // u64: dispatch sends started (local)
   size_t combine_epoch = 0;    // u64: combine sends started (local)
@@ -43,7 +46,7 @@ struct LowLatencyLayout {
   size_t dispatch_done = 0;    // u64[R]: last dispatch epoch rank s finished receiving (s's staging is free)
   size_t combine_signal = 0;   // u64[2][R]: epoch at which owner r finished writing my combine rows
   size_t combine_done = 0;     // u64[R]: last combine epoch rank s finished receiving
-  size_t dispatch_stage = 0;   // u8[2][E_loc][R][T_max][row_stride]: source s's token t at slot t
+  size_t dispatch_stage = 0;   // u8[2][R][T_max][row_stride]: source s's token t at slot t (one row for all its experts here)
   size_t combine_stage = 0;    // u8[2][T_max][K][H] bf16
   size_t end = 0;              // one past the area
 

@@ -141,9 +141,10 @@ class Buffer:
         (receivers pull from it), per-slot metadata and a C-row combine stage (rows sized for f32 payloads);
         over several nodes, C staging rows and an R x T_max combine area instead of the stages, network send / receive rows, the
         forwarder's per-node reduce rows and partial sums (cuda/internode.cuh); with ``low_latency``, a
-        double-buffered expert-major
-        staging area ``2 x E x T_max`` rows of ``16 + 2H`` bytes, its presence bits (``4 x E x ceil(T_max / 32)``
-        words) and a ``2 x T_max x K`` bf16 combine area.
+        double-buffered
+        staging area of ``2 x R x T_max`` rows (one per source token and owner rank) of ``h + 2H`` bytes, ``h`` =
+        ``4 (1 + K)`` rounded up to 16 (the header), its presence bits (``4 x E x ceil(T_max / 32)`` words) and a
+        ``2 x T_max x K`` bf16 combine area.
         The reference backend allocates nothing."""
         def area(nbytes):
             return (nbytes + 255) // 256 * 256
@@ -164,11 +165,11 @@ class Buffer:
                       M * T * row]
         if self.low_latency:
             E = self.num_experts
-            stride = (16 + 2 * H + 15) // 16 * 16
+            stride = ((4 * (1 + K) + 15) // 16 * 16 + 2 * H + 15) // 16 * 16  # header {t, ids[K]}, bf16 payload
             # timing: kLowLatencyTimingWords = 18 + 32 * 4 * 4 u64 (cuda/low_latency_layout.cuh)
             # dispatch presence bits: u32[4][E_loc][R][ceil(T_max / 32)]
             sizes += [8, 8, 16, 8 * (18 + 32 * 4 * 4), 8 * 2 * R, 4 * 4 * E * ((T + 31) // 32), 8 * R, 8 * 2 * R, 8 * R,
-                      2 * E * T * stride, 2 * T * K * 2 * H]
+                      2 * R * T * stride, 2 * T * K * 2 * H]
         return int(sum(area(n) for n in sizes))
 
     # -- lifetime -------------------------------------------------------------------------------------------
