@@ -304,7 +304,6 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_se
   // The block's first token is loaded before the epoch: nothing about it depends on the op.
   TokenPrefetch pre;
   if (blockIdx.x < T) prefetch_token(a, blockIdx.x, H, K, E, &pre);
-  trap_if_closed(v, kLivenessChecker);
   // The last warp checks that every destination's staging is free (its acquire issued after the epoch's load, so
   // both are one round) while warp 0 finds the first token's destinations; nothing is written to a destination
   // before that check.
@@ -312,6 +311,7 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_se
   const uint64_t epoch = ld_peer_written(field<uint64_t>(v.local, l.dispatch_epoch)) + 1;
   DoneSeen seen;
   if (warp == kWarps - 1 && lane < R) seen = load_done_flags(v, l.dispatch_done, lane);
+  trap_if_closed(v, kLivenessChecker);  // after the loads above: its branch holds its warp's later loads back
   stamp_start(v, kDispatchSendKernel, epoch, entry_ns);
   const size_t parity = epoch & 1, bits_copy = epoch % kLowLatencyBitsCopies;
   if (warp == kWarps - 1) {
@@ -590,10 +590,10 @@ __global__ void __launch_bounds__(kThreads) ll_combine_send_kernel(PeerView v, L
   const int waiter = static_cast<int>(threadIdx.x) - (kThreads - R);
   CombineUnit u;
   if (static_cast<int>(blockIdx.x) < pairs * splits) u = combine_unit(v, a, blockIdx.x, splits);
-  trap_if_closed(v, kLivenessChecker);
   const uint64_t epoch = ld_peer_written(field<uint64_t>(v.local, l.combine_epoch)) + 1;
   DoneSeen seen;
   if (waiter >= 0) seen = load_done_flags(v, l.combine_done, waiter);
+  trap_if_closed(v, kLivenessChecker);  // after the loads above: its branch holds its warp's later loads back
   stamp_start(v, kCombineSendKernel, epoch, entry_ns);
   const size_t parity = epoch & 1;
   if (waiter >= 0) wait_staging_free(v, l.combine_done, epoch, waiter, kPhaseLowLatencyCombineSend, seen.own, seen.dest);
