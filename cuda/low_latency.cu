@@ -63,9 +63,10 @@ __device__ __forceinline__ int sanitize(int id, int num_experts) { return id >= 
 // Do not weaken it below GPU scope.
 __device__ bool last_block_to_finish(unsigned* counter) {
   __shared__ bool s_last;
-  fence_acq_rel_gpu();
+  fence_acq_rel_gpu();  // each thread's own stores (a fence waits for its thread's)
   __syncthreads();
   if (threadIdx.x == 0) {
+    fence_acq_rel_gpu();  // the release pattern proper: the barrier brings the other threads' operations before it
     s_last = atomicAdd(counter, 1u) == gridDim.x - 1;
     if (s_last) {
       *counter = 0;
@@ -312,7 +313,6 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_se
   DoneSeen seen;
   if (warp == kWarps - 1 && lane < R) seen = load_done_flags(v, l.dispatch_done, lane);
   trap_if_closed(v, kLivenessChecker);  // after the loads above: its branch holds its warp's later loads back
-  stamp_start(v, kDispatchSendKernel, epoch, entry_ns);
   const size_t parity = epoch & 1, bits_copy = epoch % kLowLatencyBitsCopies;
   if (warp == kWarps - 1) {
     for (int r = lane; r < R; r += 32) {
@@ -322,11 +322,13 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_se
   }
 
   // One block per token: warp 0 finds the token's distinct owner ranks (one row each, at slot t of the owner's area
-  // for this source) and sets bit t of each named expert's presence bits there; then every thread casts / copies
-  // its pieces of the row once and stores them to every owner.
+  // for this source) and the presence bits to set there (one per named expert); after the barrier -- nothing is
+  // written to a peer before the checks above: the receive of epoch n - 2 clears the bits this op sets -- every
+  // thread casts / copies its pieces of the row once and stores them to every owner.
   __shared__ uint8_t* dest_rows[32];
+  __shared__ uint32_t* expert_bits[32];
   __shared__ int token_ids[32];
-  __shared__ int num_dests;
+  __shared__ int num_dests, num_named;
   const int payload_bytes = a.use_fp8 ? H : 2 * H, header_bytes = low_latency_header_bytes(K);
   const bool round_scale = a.round_scale || a.use_ue8m0;
   for (int t = blockIdx.x; t < T; t += gridDim.x) {
@@ -338,9 +340,10 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_se
         if (j < k && other == id) first = false;
         if (j < k && other >= 0 && other / E_loc == owner) first_of_owner = false;
       }
-      if (first) {  // the owner's receive finds expert e's rows by these bits; GPU scope: only this rank writes the word
-        atomicOr(field<uint32_t>(v.peers[owner], l.dispatch_bits) + ((bits_copy * E_loc + id % E_loc) * R + me) * W + (t >> 5),
-                 1u << (t & 31));
+      const unsigned named = __ballot_sync(kFullMask, first);
+      if (first) {
+        expert_bits[__popc(named & ((1u << lane) - 1u))] =
+            field<uint32_t>(v.peers[owner], l.dispatch_bits) + ((bits_copy * E_loc + id % E_loc) * R + me) * W + (t >> 5);
       }
       const unsigned mask = __ballot_sync(kFullMask, first_of_owner);
       if (first_of_owner) {
@@ -348,10 +351,16 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_se
             v.peers[owner] + l.dispatch_stage + ((parity * R + me) * T_max + t) * static_cast<size_t>(l.row_stride);
       }
       token_ids[lane] = id;
-      if (lane == 0) num_dests = __popc(mask);
+      if (lane == 0) {
+        num_dests = __popc(mask);
+        num_named = __popc(named);
+      }
     }
-    __syncthreads();
+    __syncthreads();  // also orders every write below after the liveness check and the staging checks
+    if (t == static_cast<int>(blockIdx.x)) stamp_start(v, kDispatchSendKernel, epoch, entry_ns);
     const int n = num_dests;
+    // The owner's receive finds expert e's rows by these bits. GPU scope suffices: only this rank writes the word.
+    if (threadIdx.x < num_named) atomicOr(expert_bits[threadIdx.x], 1u << (t & 31));
     // The header {t, the token's K expert ids}: an owner's receive finds there the first k naming each of its experts.
     for (int i = threadIdx.x; i < n * (header_bytes / 4); i += kThreads) {
       const int d = i / (header_bytes / 4), w = i % (header_bytes / 4);
@@ -396,6 +405,10 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_se
     }
     __syncthreads();  // dest_rows is rewritten for the next token
     if (t + gridDim.x < T) prefetch_token(a, t + gridDim.x, H, K, E, &pre);
+  }
+  if (static_cast<int>(blockIdx.x) >= T) {  // no token (T = 0: one block still signals)
+    __syncthreads();
+    stamp_start(v, kDispatchSendKernel, epoch, entry_ns);
   }
 
   const uint64_t arrived = global_timer_ns();
@@ -445,8 +458,8 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_re
   wait_for_signals(v, field<uint64_t>(v.local, l.dispatch_signal), epoch, kPhaseLowLatencyDispatchRecv);
   trap_if_closed(v, kLivenessChecker);
   check_receive_order(v, received, epoch);
-  stamp_start(v, kDispatchRecvKernel, epoch, entry_ns);
   __syncthreads();  // every source's rows are there (the barrier orders the waiting threads' acquires before all)
+  stamp_start(v, kDispatchRecvKernel, epoch, entry_ns);  // every write after the liveness check
   for (int pair = blockIdx.x; pair < E_loc * R; pair += gridDim.x) {
   const int e = pair / R, s = pair % R;
   // This op's copy of expert e's presence bits [R][W], and the copy the sends of epoch n + 2 will set.
@@ -594,10 +607,10 @@ __global__ void __launch_bounds__(kThreads) ll_combine_send_kernel(PeerView v, L
   DoneSeen seen;
   if (waiter >= 0) seen = load_done_flags(v, l.combine_done, waiter);
   trap_if_closed(v, kLivenessChecker);  // after the loads above: its branch holds its warp's later loads back
-  stamp_start(v, kCombineSendKernel, epoch, entry_ns);
   const size_t parity = epoch & 1;
   if (waiter >= 0) wait_staging_free(v, l.combine_done, epoch, waiter, kPhaseLowLatencyCombineSend, seen.own, seen.dest);
   __syncthreads();
+  stamp_start(v, kCombineSendKernel, epoch, entry_ns);  // every write after the liveness and staging checks
   for (int unit = blockIdx.x; unit < pairs * splits; unit += gridDim.x) {
   if (unit != static_cast<int>(blockIdx.x)) u = combine_unit(v, a, unit, splits);
   const int e = u.e, s = u.s, offset = u.offset, first = u.first, mine = u.mine;
@@ -708,9 +721,9 @@ __global__ void __launch_bounds__(kThreads) ll_combine_recv_kernel(PeerView v, L
   wait_for_signals(v, field<uint64_t>(v.local, l.combine_signal), epoch, kPhaseLowLatencyCombineRecv);
   trap_if_closed(v, kLivenessChecker);
   check_receive_order(v, received, epoch);
-  stamp_start(v, kCombineRecvKernel, epoch, entry_ns);
   if (setup_warp && blockIdx.x < a.num_tokens) combine_token_setup(v, a, parity, blockIdx.x, route, answer, weight);
   __syncthreads();
+  stamp_start(v, kCombineRecvKernel, epoch, entry_ns);  // every write after the liveness check
   if (threadIdx.x == 0) stamp_wait_end(v, 1);
   for (int t = blockIdx.x; t < a.num_tokens; t += gridDim.x) {
   if (t != static_cast<int>(blockIdx.x)) {
