@@ -2,8 +2,8 @@
 
 Single process: every local GPU as one rank (R=1 on a one-GPU machine). Multi-process: R ranks through
 ``jax_ep.launch`` (several per GPU under MPS) running tests/gpu/mp_low_latency_check.py. A third send with
-two results pending fails with a message (tests/gpu/ll_too_many_check.py, its own process: the trap ends
-the CUDA context).
+two results pending, or receives out of send order, fail with a message (tests/gpu/ll_misuse_check.py, in
+its own process: the trap ends the CUDA context).
 """
 
 import os
@@ -79,17 +79,12 @@ def test_multi_process_matches_reference(ranks):
     run_multi_rank("mp_low_latency_check.py", ranks)
 
 
-def test_third_send_in_flight_fails_with_message():
+@pytest.mark.parametrize("scenario", ["third_send", "out_of_order"])
+def test_misuse_fails_with_message(scenario):
+    """A third send while two results are pending, or two pending results received in the wrong order, fails
+    the call with a message saying so (tests/gpu/ll_misuse_check.py)."""
     if not cuda_devices():
         pytest.skip("no GPU")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "gpu", "ll_too_many_check.py")],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-
-
-def test_receive_out_of_order_fails_with_message():
-    if not cuda_devices():
-        pytest.skip("no GPU")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "gpu", "ll_out_of_order_check.py")],
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "gpu", "ll_misuse_check.py"), scenario],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -1,5 +1,8 @@
-"""A third low-latency send while two results are pending must fail the call with a message that says so
-(not hang). One process, every local GPU a rank. Exit 0 = the expected failure and message."""
+"""Low-latency misuse that must fail the call with a message saying what went wrong (never hang, never corrupt):
+`python ll_misuse_check.py third_send` -- a third send while two results are pending;
+`python ll_misuse_check.py out_of_order` -- two pending dispatches received in the wrong order (a later send would
+otherwise reuse the unreceived result's staging). One process, every local GPU a rank. Exit 0 = the expected
+failure and message."""
 
 from __future__ import annotations
 
@@ -26,17 +29,28 @@ x = jnp.asarray(rng.standard_normal((R * T, H)), jnp.bfloat16)
 idx = jnp.asarray(rng.integers(0, 4 * R, (R * T, K)), jnp.int32)
 
 
-def three_in_flight(x, i):
+def third_send(x, i):
     pends = [jax_ep.low_latency_dispatch_send(buf, x, i) for _ in range(3)]
     return sum(jax_ep.low_latency_dispatch_recv(buf, p).count for p in pends)
 
 
-f = jax.jit(jax.shard_map(three_in_flight, mesh=mesh, in_specs=(P("ep"),) * 2, out_specs=P("ep")))
+def out_of_order(x, i):
+    first = jax_ep.low_latency_dispatch_send(buf, x, i)
+    second = jax_ep.low_latency_dispatch_send(buf, x, i)
+    late = jax_ep.low_latency_dispatch_recv(buf, second).count
+    late, first = jax.lax.optimization_barrier((late, first))   # XLA must keep this (wrong) order
+    early = jax_ep.low_latency_dispatch_recv(buf, first).count
+    return late + early
+
+
+SCENARIOS = {"third_send": (third_send, "two results"), "out_of_order": (out_of_order, "order they were sent")}
+body, expected = SCENARIOS[sys.argv[1]]
+f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("ep"),) * 2, out_specs=P("ep")))
 try:
     jax.block_until_ready(f(x, idx))
-    print("ERROR: three results in flight did not fail", flush=True)
+    print(f"ERROR: {sys.argv[1]} did not fail", flush=True)
     os._exit(1)
 except Exception as e:  # noqa: BLE001 - the trapped kernel surfaces as an XLA runtime error
     diag = runtime.ensure(buf).diagnostics()
     print(f"failed as expected: {type(e).__name__}; diagnostics: {diag!r}", flush=True)
-    os._exit(0 if "two results" in diag else 1)   # the CUDA context is gone after the trap
+    os._exit(0 if expected in diag else 1)   # the CUDA context is gone after the trap
