@@ -50,10 +50,15 @@ def _visible_gpus() -> list[str]:
 
 
 def _sm_percent(ranks_per_gpu: int) -> int:
-    """Each rank's SM share under MPS: an equal split unless JAX_EP_MPS_SM_PERCENT (1..100) says otherwise."""
+    """Each rank's SM share under MPS: an equal split unless JAX_EP_MPS_SM_PERCENT (1..100) says otherwise.
+
+    The split is rounded up: MPS rounds a share down to whole TPCs (pairs of SMs), so 100 // 8 = 12 % gave each of 8
+    ranks 14 of the H200's 132 SMs, 20 of them idle; 13 % gives 16 (128 in all). Measured at R=8 (low-latency
+    benchmark, dispatch / combine): 84.2 / 104.5 us -> 76.8 / 100.9 us.
+    """
     given = os.environ.get("JAX_EP_MPS_SM_PERCENT", "").strip()
     if not given:
-        return max(1, 100 // ranks_per_gpu)
+        return max(1, -(-100 // ranks_per_gpu))
     if not given.isdigit() or not 1 <= int(given) <= 100:
         raise ValueError(f"JAX_EP_MPS_SM_PERCENT={given!r}: want an integer percentage in 1..100")
     return int(given)

@@ -5,10 +5,12 @@ import pytest
 from jax_ep import launch
 
 
-def test_mps_share_defaults_to_an_equal_split(monkeypatch):
+def test_mps_share_defaults_to_an_equal_split_rounded_up(monkeypatch):
     monkeypatch.delenv("JAX_EP_MPS_SM_PERCENT", raising=False)
-    assert launch._sm_percent(8) == 12
-    assert launch._sm_percent(3) == 33
+    assert launch._sm_percent(8) == 13
+    assert launch._sm_percent(3) == 34
+    assert launch._sm_percent(2) == 50
+    assert launch._sm_percent(1) == 100
     assert launch._sm_percent(200) == 1
 
 
