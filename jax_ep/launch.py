@@ -54,7 +54,8 @@ def _sm_percent(ranks_per_gpu: int) -> int:
 
     The split is rounded up: MPS rounds a share down to whole TPCs (pairs of SMs), so 100 // 8 = 12 % gave each of 8
     ranks 14 of the H200's 132 SMs, 20 of them idle; 13 % gives 16 (128 in all). Measured at R=8 (low-latency
-    benchmark, dispatch / combine): 84.2 / 104.5 us -> 76.8 / 100.9 us.
+    benchmark, dispatch / combine, with the grids of cuda/low_latency.cu's five_per_sm_grid): 84.1-84.3 /
+    104.1-104.9 us -> 76.5-77.0 / 100.5-101.2 us.
     """
     given = os.environ.get("JAX_EP_MPS_SM_PERCENT", "").strip()
     if not given:
