@@ -772,15 +772,16 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_combine_rec
 // below the budget.
 int receive_grid(int num_blocks) { return num_blocks; }
 
-// Kernels that never wait for a peer before their work and are built for kDispatchBlocksPerSm blocks per SM (the
-// dispatch send, the combine receive once its signals are in) take five blocks per SM of the budget, which counts
-// four. Measured on the H200 at R=8 (medians, both GPUs): with 16 SMs per rank (jax_ep.launch's share), dispatch
-// 83.8-84.6 -> 76.5-77.0 us and combine 100.9-102.2 -> 100.5-101.2, the dispatch's gain in its receive's wait for
-// the latest sender (16-17 -> 10-12 us; which of the two grids brings it was not measured apart); with 14 SMs per
-// rank, where 16 of the send's 56 blocks took three of the 128 tokens, the send alone gave 84.2-85.2 -> 83.3-83.4
-// and both 84.1-84.3 / 104.1-104.9 (combine from 110.1). R=2 grids are capped by the work (T = 128), not the budget.
-// The dispatch receive keeps four per SM (five: 76.5-77.0 -> 78.0-78.3 us): its grid spins on the peers' signals,
-// and an SM slot left free keeps a peer's late block from a second wave.
+// The dispatch send and the combine receive, both built for kDispatchBlocksPerSm blocks per SM, take five blocks
+// per SM of the budget, which counts four. Measured on the H200 at R=8 (medians, both GPUs): with 16 SMs per rank
+// (jax_ep.launch's share), dispatch 83.8-84.6 -> 76.5-77.0 us and combine 100.9-102.2 -> 100.5-101.2, the
+// dispatch's gain in its receive's wait for the latest sender (16-17 -> 10-12 us; which of the two grids brings it
+// was not measured apart); with 14 SMs per rank, where 16 of the send's 56 blocks took three of the 128 tokens, the
+// send alone gave 84.2-85.2 -> 83.3-83.4 and both 84.1-84.3 / 104.1-104.9 (combine from 110.1). R=2 grids are
+// capped by the work (T = 128), not the budget. The dispatch receive keeps four per SM (five: 76.5-77.0 -> 78.0-78.3
+// us): its grid spins on the senders' signals, and a slot left free per SM keeps a peer's late block from a second
+// wave. The combine receive spins on its owners' signals too, yet measured faster at five (above); larger T, where
+// its grid rather than the work sets the blocks, was not measured.
 int five_per_sm_grid(int num_blocks) { return num_blocks + num_blocks / 4; }
 
 constexpr int kCombineSendSplits = 4;
