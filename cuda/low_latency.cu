@@ -773,15 +773,13 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_combine_rec
 int receive_grid(int num_blocks) { return num_blocks; }
 
 // The dispatch send and the combine receive, both built for kDispatchBlocksPerSm blocks per SM, take five blocks
-// per SM of the budget, which counts four. Measured on the H200 at R=8 (medians, both GPUs): with 16 SMs per rank
-// (jax_ep.launch's share), dispatch 83.8-84.6 -> 76.5-77.0 us and combine 100.9-102.2 -> 100.5-101.2, the
-// dispatch's gain in its receive's wait for the latest sender (16-17 -> 10-12 us; which of the two grids brings it
-// was not measured apart); with 14 SMs per rank, where 16 of the send's 56 blocks took three of the 128 tokens, the
-// send alone gave 84.2-85.2 -> 83.3-83.4 and both 84.1-84.3 / 104.1-104.9 (combine from 110.1). R=2 grids are
-// capped by the work (T = 128), not the budget. The dispatch receive keeps four per SM (five: 76.5-77.0 -> 78.0-78.3
-// us): its grid spins on the senders' signals, and a slot left free per SM keeps a peer's late block from a second
-// wave. The combine receive spins on its owners' signals too, yet measured faster at five (above); larger T, where
-// its grid rather than the work sets the blocks, was not measured.
+// per SM of the budget, which counts four. Measured on the H200 at R=8 (medians, both GPUs): with 14 SMs per rank,
+// combine 110.0-110.6 -> 104.1-104.9 us (the receive's grid; the dispatch within the spread between variants,
+// 83.3-84.3 against 84.2-85.2); with jax_ep.launch's 16 SMs per rank, dispatch 83.8-84.6 -> 76.5-77.0 (send
+// 27.1-27.3 -> 26.5-27.0, the receive's wait for the latest sender 16-17 -> 10-12 us; which grid brings it was not
+// measured apart) and combine 100.9-102.2 -> 100.5-101.2 (within noise). R=2 grids are capped by the work (T = 128),
+// not the budget. The dispatch receive keeps four per SM: five measured 78.0-78.3 against 76.5-77.0 us at 16 SMs
+// (its wait unchanged, the time after it ~1 us longer; why was not measured).
 int five_per_sm_grid(int num_blocks) { return num_blocks + num_blocks / 4; }
 
 constexpr int kCombineSendSplits = 4;
