@@ -1,11 +1,12 @@
 // Low-latency (decode) dispatch / combine kernels (protocol in low_latency.cuh, memory in
 // low_latency_layout.cuh; the design and its measurements in docs/low_latency.md).
 //
-// Dispatch send: one block per token: warp 0 finds the token's distinct experts and their owner ranks; every thread
-// casts its pieces of the bf16 row to fp8 once if asked (the exact recipe of jax_ep.fp8) and stores them, with a
-// header {token, its K expert ids}, once into each owner's staging area for this source at slot t (the token index:
-// a block needs no view of the other tokens; one row serves all of the owner's experts the token named), and sets bit
-// t of the owner's presence bits for each (expert, me). The last block to finish raises one signal per owner.
+// Dispatch send: a block takes its tokens two at a time (their rows copied into shared memory in one round); warp i
+// finds token i's distinct experts and their owner ranks; every thread casts its pieces of each bf16 row to fp8 once
+// if asked (the exact recipe of jax_ep.fp8) and stores them, with a header {token, its K expert ids}, once into each
+// owner's staging area for this source at slot t (the token index: a block needs no view of the other tokens; one row
+// serves all of the owner's experts the token named), and sets bit t of the owner's presence bits for each (expert,
+// me). The last block to finish raises one signal per owner.
 // Dispatch receive: blocks stride over (local expert, source rank) pairs, wait for every source's signal, count
 // each source's rows off its presence bits, and copy the pair's rows in token order to offset
 // sum_{s' < s} count(s') of the expert's output rows (the header gives each row's k for this expert).
@@ -276,39 +277,85 @@ __device__ __forceinline__ void wait_for_signals(const PeerView& v, const uint64
 
 // -- dispatch ---------------------------------------------------------------------------------------------
 
-// The first kPrefetch 16-byte pieces a thread copies of a token row (H <= kPrefetch * kThreads * 8 channels:
-// all of it for H <= 8192), loaded ahead of the work that does not need them.
-constexpr int kPrefetch = 4;
+// A dispatch send block takes its tokens kSendTokensPerPass at a time: their bf16 rows are copied into shared
+// memory asynchronously (cp.async: no registers held) while warp i finds token i's owners, so a block's tokens cost
+// one load round, not one each (at R=8 a block of the 16-SM grid has two of the 128 tokens).
+constexpr int kSendTokensPerPass = 2;
 
-struct TokenPrefetch {
-  int4 piece[kPrefetch];  // piece i = int4 number threadIdx.x + i * kThreads of the bf16 row
-  int id;                 // warp 0, lane k < K: the token's k-th expert id (sanitized), else -1
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
+// Where one token goes: filled by warp i for the pass's token i.
+struct TokenDests {
+  uint8_t* row[32];         // the owners' staging rows (one per owner rank)
+  uint32_t* bits[32];       // the owners' presence-bit words (one per named expert)
+  int ids[32];              // the token's expert ids (sanitized), for the header
+  int num_rows, num_bits;
 };
 
-__device__ __forceinline__ void prefetch_token(const LowLatencyDispatchSendArgs& a, int t, int H, int K, int E,
-                                               TokenPrefetch* p) {
-  const int4* x = reinterpret_cast<const int4*>(static_cast<const uint8_t*>(a.x) + static_cast<size_t>(t) * H * 2);
-#pragma unroll
-  for (int i = 0; i < kPrefetch; ++i) {
-    const int j = threadIdx.x + i * kThreads;
-    p->piece[i] = j < H / 8 ? ld_nc(x + j) : make_int4(0, 0, 0, 0);
+// Warp-wide (lane k holds the token's k-th id): the distinct owner ranks and named experts of token t.
+__device__ __forceinline__ void find_token_dests(const PeerView& v, int id, int t, size_t parity, size_t bits_copy,
+                                                 TokenDests* d) {
+  const LowLatencyLayout& l = v.ll;
+  const int R = l.num_ranks, E_loc = l.num_experts / R, K = l.num_topk, T_max = l.max_tokens;
+  const int W = low_latency_token_words(T_max), lane = threadIdx.x & 31, owner = id >= 0 ? id / E_loc : -1;
+  bool first = id >= 0, first_of_owner = id >= 0;  // an expert named twice counts once (its first k)
+  for (int j = 0; j < K; ++j) {
+    const int other = __shfl_sync(kFullMask, id, j);
+    if (j < lane && other == id) first = false;
+    if (j < lane && other >= 0 && other / E_loc == owner) first_of_owner = false;
   }
-  const int lane = threadIdx.x & 31;
-  p->id = (threadIdx.x < 32 && lane < K) ? sanitize(a.topk_idx[t * K + lane], E) : -1;
+  const unsigned named = __ballot_sync(kFullMask, first);
+  if (first) {
+    d->bits[__popc(named & ((1u << lane) - 1u))] =
+        field<uint32_t>(v.peers[owner], l.dispatch_bits) + ((bits_copy * E_loc + id % E_loc) * R + v.rank) * W + (t >> 5);
+  }
+  const unsigned mask = __ballot_sync(kFullMask, first_of_owner);
+  if (first_of_owner) {
+    d->row[__popc(mask & ((1u << lane) - 1u))] =
+        v.peers[owner] + l.dispatch_stage + ((parity * R + v.rank) * T_max + t) * static_cast<size_t>(l.row_stride);
+  }
+  d->ids[lane] = id;
+  if (lane == 0) {
+    d->num_rows = __popc(mask);
+    d->num_bits = __popc(named);
+  }
 }
 
-__global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_send_kernel(PeerView v, LowLatencyDispatchSendArgs a) {
+__global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_send_kernel(PeerView v, LowLatencyDispatchSendArgs a,
+                                                                                          int tokens_per_pass) {
   const uint64_t entry_ns = global_timer_ns();
+  extern __shared__ int4 token_rows[];  // [tokens_per_pass][H / 8]: the pass's bf16 rows
+  __shared__ TokenDests dests[kSendTokensPerPass];
   const LowLatencyLayout& l = v.ll;
-  const int R = l.num_ranks, E = l.num_experts, E_loc = E / R, K = l.num_topk, H = l.hidden;
-  const int T = a.num_tokens, T_max = l.max_tokens, W = low_latency_token_words(T_max), me = v.rank;
-  // The block's first token is loaded before the epoch: nothing about it depends on the op.
-  TokenPrefetch pre;
-  if (blockIdx.x < T) prefetch_token(a, blockIdx.x, H, K, E, &pre);
+  const int R = l.num_ranks, E = l.num_experts, K = l.num_topk, H = l.hidden, T = a.num_tokens, me = v.rank;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, P = tokens_per_pass, row_vecs = H / 8;
+  const int step = static_cast<int>(gridDim.x);
+  // Pass p takes tokens blockIdx.x + (p * P + i) * grid, i < P. The first pass's rows and ids are requested before the
+  // epoch: nothing about them depends on the op.
+  auto request_rows = [&](int first) {
+    for (int i = 0; i < P; ++i) {
+      const int t = first + i * step;
+      if (t >= T) break;
+      const int4* x = reinterpret_cast<const int4*>(static_cast<const uint8_t*>(a.x) + static_cast<size_t>(t) * H * 2);
+      for (int j = threadIdx.x; j < row_vecs; j += kThreads) cp_async16(token_rows + i * row_vecs + j, x + j);
+    }
+    cp_async_commit();
+  };
+  auto load_id = [&](int first) {  // warp i < P, lane k < K: token i's k-th expert id
+    const int t = first + warp * step;
+    return warp < P && lane < K && t < T ? sanitize(a.topk_idx[t * K + lane], E) : -1;
+  };
+  int first = blockIdx.x;
+  request_rows(first);
+  int id = load_id(first);
   // The last warp checks that every destination's staging is free (its acquire issued after the epoch's load, so
-  // both are one round) while warp 0 finds the first token's destinations; nothing is written to a destination
+  // both are one round) while warps < P find their tokens' destinations; nothing is written to a destination
   // before that check.
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const uint64_t epoch = ld_peer_written(field<uint64_t>(v.local, l.dispatch_epoch)) + 1;
   DoneSeen seen;
   if (warp == kWarps - 1 && lane < R) seen = load_done_flags(v, l.dispatch_done, lane);
@@ -321,90 +368,70 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_se
     }
   }
 
-  // One block per token: warp 0 finds the token's distinct owner ranks (one row each, at slot t of the owner's area
-  // for this source) and the presence bits to set there (one per named expert); after the barrier -- nothing is
-  // written to a peer before the checks above: the receive of epoch n - 2 clears the bits this op sets -- every
-  // thread casts / copies its pieces of the row once and stores them to every owner.
-  __shared__ uint8_t* dest_rows[32];
-  __shared__ uint32_t* expert_bits[32];
-  __shared__ int token_ids[32];
-  __shared__ int num_dests, num_named;
+  // Per token: one staging row per owner rank (slot t of the owner's area for this source), one presence bit per
+  // named expert. After the barrier -- nothing is written to a peer before the checks above: the receive of epoch
+  // n - 2 clears the bits this op sets -- every thread casts / copies its pieces of each row once and stores them
+  // to every owner.
   const int payload_bytes = a.use_fp8 ? H : 2 * H, header_bytes = low_latency_header_bytes(K);
   const bool round_scale = a.round_scale || a.use_ue8m0;
-  for (int t = blockIdx.x; t < T; t += gridDim.x) {
-    if (warp == 0) {
-      const int k = lane, id = pre.id, owner = id >= 0 ? id / E_loc : -1;
-      bool first = id >= 0, first_of_owner = id >= 0;  // an expert named twice counts once (its first k)
-      for (int j = 0; j < K; ++j) {
-        const int other = __shfl_sync(kFullMask, id, j);
-        if (j < k && other == id) first = false;
-        if (j < k && other >= 0 && other / E_loc == owner) first_of_owner = false;
-      }
-      const unsigned named = __ballot_sync(kFullMask, first);
-      if (first) {
-        expert_bits[__popc(named & ((1u << lane) - 1u))] =
-            field<uint32_t>(v.peers[owner], l.dispatch_bits) + ((bits_copy * E_loc + id % E_loc) * R + me) * W + (t >> 5);
-      }
-      const unsigned mask = __ballot_sync(kFullMask, first_of_owner);
-      if (first_of_owner) {
-        dest_rows[__popc(mask & ((1u << lane) - 1u))] =
-            v.peers[owner] + l.dispatch_stage + ((parity * R + me) * T_max + t) * static_cast<size_t>(l.row_stride);
-      }
-      token_ids[lane] = id;
-      if (lane == 0) {
-        num_dests = __popc(mask);
-        num_named = __popc(named);
-      }
-    }
+  for (; first < T; first += P * step) {
+    if (warp < P && first + warp * step < T) find_token_dests(v, id, first + warp * step, parity, bits_copy, &dests[warp]);
     __syncthreads();  // also orders every write below after the liveness check and the staging checks
-    if (t == static_cast<int>(blockIdx.x)) stamp_start(v, kDispatchSendKernel, epoch, entry_ns);
-    const int n = num_dests;
-    // The owner's receive finds expert e's rows by these bits. GPU scope suffices: only this rank writes the word.
-    if (threadIdx.x < num_named) atomicOr(expert_bits[threadIdx.x], 1u << (t & 31));
-    // The header {t, the token's K expert ids}: an owner's receive finds there the first k naming each of its experts.
-    for (int i = threadIdx.x; i < n * (header_bytes / 4); i += kThreads) {
-      const int d = i / (header_bytes / 4), w = i % (header_bytes / 4);
-      reinterpret_cast<int*>(dest_rows[d])[w] = w == 0 ? t : (w <= K ? token_ids[w - 1] : -1);
-    }
-    const int4* x = reinterpret_cast<const int4*>(static_cast<const uint8_t*>(a.x) + static_cast<size_t>(t) * H * 2);
-    // Piece j (16 bytes = 8 channels) of the row is thread j % kThreads's; in fp8 a half-warp owns a
-    // 128-channel group, and since H % 128 == 0 a half-warp is wholly inside the row or wholly past it.
-    for (int i = 0; n > 0 && (i * kThreads + warp * 32) * 8 < H; ++i) {
-      const int j = threadIdx.x + i * kThreads;
-      const bool active = j < H / 8;
-      int4 raw = make_int4(0, 0, 0, 0);
-#pragma unroll
-      for (int u = 0; u < kPrefetch; ++u) {
-        if (u == i) raw = pre.piece[u];  // registers, not a local-memory array indexed at run time
+    if (first == static_cast<int>(blockIdx.x)) stamp_start(v, kDispatchSendKernel, epoch, entry_ns);
+    const int tokens = min(P, ceil_div(T - first, step));
+    for (int i = 0; i < tokens; ++i) {
+      const int t = first + i * step;
+      const TokenDests& d = dests[i];
+      // The owner's receive finds expert e's rows by these bits. GPU scope suffices: only this rank writes the word.
+      if (threadIdx.x < d.num_bits) atomicOr(d.bits[threadIdx.x], 1u << (t & 31));
+      // The header {t, the token's K expert ids}: an owner's receive finds there the first k naming each expert.
+      for (int h = threadIdx.x; h < d.num_rows * (header_bytes / 4); h += kThreads) {
+        const int r = h / (header_bytes / 4), w = h % (header_bytes / 4);
+        reinterpret_cast<int*>(d.row[r])[w] = w == 0 ? t : (w <= K ? d.ids[w - 1] : -1);
       }
-      if (i >= kPrefetch && active) raw = ld_nc(x + j);
-      if (a.use_fp8) {
-        uint2 q;
-        const float scale_inv = cast8_fp8(raw, round_scale, &q);
-        if (!active) continue;
-        const int g = j / 16;
-        for (int d = 0; d < n; ++d) {
-          uint8_t* row = dest_rows[d] + header_bytes;
-          *reinterpret_cast<uint2*>(row + j * 8) = q;
-          if ((lane & 15) == 0) {
-            if (a.use_ue8m0) {
-              row[payload_bytes + g] = static_cast<uint8_t>((__float_as_uint(scale_inv) >> 23) & 0xff);
-            } else {
-              reinterpret_cast<float*>(row + payload_bytes)[g] = scale_inv;
+    }
+    cp_async_wait_all();  // this thread's pieces (each thread reads back only what it requested)
+    for (int i = 0; i < tokens; ++i) {
+      const TokenDests& d = dests[i];
+      const int n = d.num_rows;
+      const int4* row_in = token_rows + i * row_vecs;
+      // Piece j (16 bytes = 8 channels) of the row is thread j % kThreads's; in fp8 a half-warp owns a
+      // 128-channel group, and since H % 128 == 0 a half-warp is wholly inside the row or wholly past it.
+      for (int j0 = warp * 32; n > 0 && j0 < row_vecs; j0 += kThreads) {
+        const int j = j0 + lane;
+        const bool active = j < row_vecs;
+        const int4 raw = active ? row_in[j] : make_int4(0, 0, 0, 0);
+        if (a.use_fp8) {
+          uint2 q;
+          const float scale_inv = cast8_fp8(raw, round_scale, &q);
+          if (!active) continue;
+          const int g = j / 16;
+          for (int r = 0; r < n; ++r) {
+            uint8_t* row = d.row[r] + header_bytes;
+            *reinterpret_cast<uint2*>(row + j * 8) = q;
+            if ((lane & 15) == 0) {
+              if (a.use_ue8m0) {
+                row[payload_bytes + g] = static_cast<uint8_t>((__float_as_uint(scale_inv) >> 23) & 0xff);
+              } else {
+                reinterpret_cast<float*>(row + payload_bytes)[g] = scale_inv;
+              }
             }
           }
+        } else if (active) {
+          for (int r = 0; r < n; ++r) reinterpret_cast<int4*>(d.row[r] + header_bytes)[j] = raw;
         }
-      } else if (active) {
-        for (int d = 0; d < n; ++d) reinterpret_cast<int4*>(dest_rows[d] + header_bytes)[j] = raw;
+      }
+      if (n > 0 && a.use_fp8 && a.use_ue8m0 && threadIdx.x < n) {  // the packed word's unused bytes (2^0)
+        const int groups = H / 128;
+        uint8_t* scales = d.row[threadIdx.x] + header_bytes + payload_bytes;
+        for (int g = groups; g < (groups + 3) / 4 * 4; ++g) scales[g] = kUe8m0One;
       }
     }
-    if (n > 0 && a.use_fp8 && a.use_ue8m0 && threadIdx.x < n) {  // the packed word's unused bytes (2^0)
-      const int groups = H / 128;
-      uint8_t* scales = dest_rows[threadIdx.x] + header_bytes + payload_bytes;
-      for (int g = groups; g < (groups + 3) / 4 * 4; ++g) scales[g] = kUe8m0One;
+    __syncthreads();  // dests and token_rows are rewritten for the next pass
+    if (first + P * step < T) {
+      request_rows(first + P * step);
+      id = load_id(first + P * step);
     }
-    __syncthreads();  // dest_rows is rewritten for the next token
-    if (t + gridDim.x < T) prefetch_token(a, t + gridDim.x, H, K, E, &pre);
   }
   if (static_cast<int>(blockIdx.x) >= T) {  // no token (T = 0: one block still signals)
     __syncthreads();
@@ -826,7 +853,15 @@ LowLatencyLayout make_low_latency_layout(size_t base, int num_ranks, int num_exp
 
 cudaError_t launch_low_latency_dispatch_send(const PeerView& view, const LowLatencyDispatchSendArgs& args,
                                              int num_blocks, cudaStream_t stream) {
-  ll_dispatch_send_kernel<<<capped_grid(args.num_tokens, five_per_sm_grid(num_blocks)), kThreads, 0, stream>>>(view, args);
+  const int grid = capped_grid(args.num_tokens, five_per_sm_grid(num_blocks));
+  const int tokens_per_pass = std::max(1, std::min(kSendTokensPerPass, ceil_div(args.num_tokens, grid)));
+  const size_t smem = static_cast<size_t>(tokens_per_pass) * 2 * view.ll.hidden;
+  if (smem > 48 * 1024) {  // past the default: opt in (Hopper allows up to 227 KB per block)
+    const cudaError_t e = cudaFuncSetAttribute(ll_dispatch_send_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               static_cast<int>(smem));
+    if (e != cudaSuccess) return e;
+  }
+  ll_dispatch_send_kernel<<<grid, kThreads, smem, stream>>>(view, args, tokens_per_pass);
   return cudaGetLastError();
 }
 
