@@ -281,6 +281,10 @@ __device__ __forceinline__ void wait_for_signals(const PeerView& v, const uint64
 // memory asynchronously (cp.async: no registers held) while warp i finds token i's owners, so a block's tokens cost
 // one load round, not one each (at R=8 a block of the 16-SM grid has two of the 128 tokens).
 constexpr int kSendTokensPerPass = 2;
+// Where the grid budget has room for it (R=2: 2 x 128 tokens within 330 blocks), a token's row is split over this many
+// blocks: each block's chain of casts and stores is half as long. Measured on the H200 (medians, both GPUs): R=2
+// dispatch send 10.5-10.6 -> 10.0-10.1 us, the op within noise (24.2-24.4 against 24.4-24.6); R=8 has no room.
+constexpr int kSendRowParts = 2;
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
@@ -327,14 +331,18 @@ __device__ __forceinline__ void find_token_dests(const PeerView& v, int id, int 
 }
 
 __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_send_kernel(PeerView v, LowLatencyDispatchSendArgs a,
-                                                                                          int tokens_per_pass) {
+                                                                                          int tokens_per_pass, int row_parts) {
   const uint64_t entry_ns = global_timer_ns();
   extern __shared__ int4 token_rows[];  // [tokens_per_pass][H / 8]: the pass's bf16 rows
   __shared__ TokenDests dests[kSendTokensPerPass];
   const LowLatencyLayout& l = v.ll;
   const int R = l.num_ranks, E = l.num_experts, K = l.num_topk, H = l.hidden, T = a.num_tokens, me = v.rank;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, P = tokens_per_pass, row_vecs = H / 8;
-  const int step = static_cast<int>(gridDim.x);
+  // Where the grid budget has room (R=2), a token's row is split over row_parts blocks (pieces [j_lo, j_hi), whole
+  // 128-channel groups); part 0 also writes the header and the presence bits.
+  const int part = static_cast<int>(blockIdx.x) % row_parts, step = static_cast<int>(gridDim.x) / row_parts;
+  const int unit = row_vecs % 16 == 0 ? 16 : 1;
+  const int j_lo = row_vecs / unit * part / row_parts * unit, j_hi = row_vecs / unit * (part + 1) / row_parts * unit;
   // Pass p takes tokens blockIdx.x + (p * P + i) * grid, i < P. The first pass's rows and ids are requested before the
   // epoch: nothing about them depends on the op.
   auto request_rows = [&](int first) {
@@ -342,7 +350,7 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_se
       const int t = first + i * step;
       if (t >= T) break;
       const int4* x = reinterpret_cast<const int4*>(static_cast<const uint8_t*>(a.x) + static_cast<size_t>(t) * H * 2);
-      for (int j = threadIdx.x; j < row_vecs; j += kThreads) cp_async16(token_rows + i * row_vecs + j, x + j);
+      for (int j = j_lo + threadIdx.x; j < j_hi; j += kThreads) cp_async16(token_rows + i * row_vecs + j, x + j);
     }
     cp_async_commit();
   };
@@ -350,7 +358,8 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_se
     const int t = first + warp * step;
     return warp < P && lane < K && t < T ? sanitize(a.topk_idx[t * K + lane], E) : -1;
   };
-  int first = blockIdx.x;
+  const int token_block = static_cast<int>(blockIdx.x) / row_parts;
+  int first = token_block;
   request_rows(first);
   int id = load_id(first);
   // The last warp checks that every destination's staging is free (its acquire issued after the epoch's load, so
@@ -377,9 +386,9 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_se
   for (; first < T; first += P * step) {
     if (warp < P && first + warp * step < T) find_token_dests(v, id, first + warp * step, parity, bits_copy, &dests[warp]);
     __syncthreads();  // also orders every write below after the liveness check and the staging checks
-    if (first == static_cast<int>(blockIdx.x)) stamp_start(v, kDispatchSendKernel, epoch, entry_ns);
+    if (first == token_block) stamp_start(v, kDispatchSendKernel, epoch, entry_ns);
     const int tokens = min(P, ceil_div(T - first, step));
-    for (int i = 0; i < tokens; ++i) {
+    for (int i = 0; part == 0 && i < tokens; ++i) {
       const int t = first + i * step;
       const TokenDests& d = dests[i];
       // The owner's receive finds expert e's rows by these bits. GPU scope suffices: only this rank writes the word.
@@ -397,9 +406,9 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_se
       const int4* row_in = token_rows + i * row_vecs;
       // Piece j (16 bytes = 8 channels) of the row is thread j % kThreads's; in fp8 a half-warp owns a
       // 128-channel group, and since H % 128 == 0 a half-warp is wholly inside the row or wholly past it.
-      for (int j0 = warp * 32; n > 0 && j0 < row_vecs; j0 += kThreads) {
+      for (int j0 = j_lo + warp * 32; n > 0 && j0 < j_hi; j0 += kThreads) {
         const int j = j0 + lane;
-        const bool active = j < row_vecs;
+        const bool active = j < j_hi;
         const int4 raw = active ? row_in[j] : make_int4(0, 0, 0, 0);
         if (a.use_fp8) {
           uint2 q;
@@ -421,7 +430,7 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_se
           for (int r = 0; r < n; ++r) reinterpret_cast<int4*>(d.row[r] + header_bytes)[j] = raw;
         }
       }
-      if (n > 0 && a.use_fp8 && a.use_ue8m0 && threadIdx.x < n) {  // the packed word's unused bytes (2^0)
+      if (part == 0 && n > 0 && a.use_fp8 && a.use_ue8m0 && threadIdx.x < n) {  // the packed word's unused bytes (2^0)
         const int groups = H / 128;
         uint8_t* scales = d.row[threadIdx.x] + header_bytes + payload_bytes;
         for (int g = groups; g < (groups + 3) / 4 * 4; ++g) scales[g] = kUe8m0One;
@@ -433,7 +442,7 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_se
       id = load_id(first + P * step);
     }
   }
-  if (static_cast<int>(blockIdx.x) >= T) {  // no token (T = 0: one block still signals)
+  if (token_block >= T) {  // no token (T = 0: one block still signals)
     __syncthreads();
     stamp_start(v, kDispatchSendKernel, epoch, entry_ns);
   }
@@ -864,15 +873,17 @@ LowLatencyLayout make_low_latency_layout(size_t base, int num_ranks, int num_exp
 
 cudaError_t launch_low_latency_dispatch_send(const PeerView& view, const LowLatencyDispatchSendArgs& args,
                                              int num_blocks, cudaStream_t stream) {
-  const int grid = capped_grid(args.num_tokens, five_per_sm_grid(num_blocks));
-  const int tokens_per_pass = std::max(1, std::min(kSendTokensPerPass, ceil_div(args.num_tokens, grid)));
+  const int T = args.num_tokens, budget = five_per_sm_grid(num_blocks);
+  const int row_parts = T > 0 ? std::max(1, std::min(kSendRowParts, budget / T)) : 1;
+  const int grid = row_parts > 1 ? T * row_parts : capped_grid(T, budget);
+  const int tokens_per_pass = std::max(1, std::min(kSendTokensPerPass, ceil_div(T, grid / row_parts)));
   const size_t smem = static_cast<size_t>(tokens_per_pass) * 2 * view.ll.hidden;
   if (smem > 48 * 1024) {  // past the default: opt in (Hopper allows up to 227 KB per block)
     const cudaError_t e = cudaFuncSetAttribute(ll_dispatch_send_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                static_cast<int>(smem));
     if (e != cudaSuccess) return e;
   }
-  ll_dispatch_send_kernel<<<grid, kThreads, smem, stream>>>(view, args, tokens_per_pass);
+  ll_dispatch_send_kernel<<<grid, kThreads, smem, stream>>>(view, args, tokens_per_pass, row_parts);
   return cudaGetLastError();
 }
 
