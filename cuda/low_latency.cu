@@ -281,6 +281,7 @@ __device__ __forceinline__ void wait_for_signals(const PeerView& v, const uint64
 // memory asynchronously (cp.async: no registers held) while warp i finds token i's owners, so a block's tokens cost
 // one load round, not one each (at R=8 a block of the 16-SM grid has two of the 128 tokens).
 constexpr int kSendTokensPerPass = 2;
+constexpr size_t kSendPassSmemCap = 64 * 1024;  // past it (H > 16384) one token per pass: occupancy over rounds
 // Where the grid budget has room for it (R=2: 2 x 128 tokens within 330 blocks), a token's row is split over this many
 // blocks: each block's chain of casts and stores is half as long. Measured on the H200 (medians, both GPUs): R=2
 // dispatch send 10.5-10.6 -> 10.0-10.1 us, the op within noise (24.2-24.4 against 24.4-24.6); R=8 has no room.
@@ -343,8 +344,8 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_se
   const int part = static_cast<int>(blockIdx.x) % row_parts, step = static_cast<int>(gridDim.x) / row_parts;
   const int unit = row_vecs % 16 == 0 ? 16 : 1;
   const int j_lo = row_vecs / unit * part / row_parts * unit, j_hi = row_vecs / unit * (part + 1) / row_parts * unit;
-  // Pass p takes tokens blockIdx.x + (p * P + i) * grid, i < P. The first pass's rows and ids are requested before the
-  // epoch: nothing about them depends on the op.
+  // Pass p takes tokens token_block + (p * P + i) * step, i < P (token_block = blockIdx.x / row_parts, step = grid /
+  // row_parts). The first pass's rows and ids are requested before the epoch: nothing about them depends on the op.
   auto request_rows = [&](int first) {
     for (int i = 0; i < P; ++i) {
       const int t = first + i * step;
@@ -876,7 +877,8 @@ cudaError_t launch_low_latency_dispatch_send(const PeerView& view, const LowLate
   const int T = args.num_tokens, budget = five_per_sm_grid(num_blocks);
   const int row_parts = T > 0 ? std::max(1, std::min(kSendRowParts, budget / T)) : 1;
   const int grid = row_parts > 1 ? T * row_parts : capped_grid(T, budget);
-  const int tokens_per_pass = std::max(1, std::min(kSendTokensPerPass, ceil_div(T, grid / row_parts)));
+  int tokens_per_pass = std::max(1, std::min(kSendTokensPerPass, ceil_div(T, grid / row_parts)));
+  if (tokens_per_pass * 2 * static_cast<size_t>(view.ll.hidden) > kSendPassSmemCap) tokens_per_pass = 1;
   const size_t smem = static_cast<size_t>(tokens_per_pass) * 2 * view.ll.hidden;
   if (smem > 48 * 1024) {  // past the default: opt in (Hopper allows up to 227 KB per block)
     const cudaError_t e = cudaFuncSetAttribute(ll_dispatch_send_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,

@@ -64,6 +64,8 @@ inline constexpr int kLowLatencyBitsCopies = 4;  // copies of the dispatch prese
 // T_max bound: the dispatch receive keeps one pair's presence bits and row slots (about 2 * T_max bytes) in
 // shared memory, within the 48 KB a launch gets without opt-in; slots are 16-bit.
 inline constexpr int kLowLatencyMaxTokens = 16384;
+// H bound: the dispatch send copies a token's bf16 row into shared memory (2H bytes; Hopper gives a block up to 227 KB).
+inline constexpr int kLowLatencyMaxHidden = 65536;
 
 // Layout of the area starting at `base` (256-aligned). Disabled (all zero, end = base) when num_experts = 0.
 LowLatencyLayout make_low_latency_layout(size_t base, int num_ranks, int num_experts, int max_tokens, int num_topk,

@@ -136,6 +136,11 @@ Layouts Layout(int num_ranks, int capacity, int max_tokens, int num_topk, int ma
                                   std::to_string(jax_ep::kLowLatencyMaxTokens) + " (got " +
                                   std::to_string(max_tokens) + "): use fewer tokens per rank for decode");
     }
+    if (ll_hidden > jax_ep::kLowLatencyMaxHidden) {
+      throw std::invalid_argument("jax_ep: low-latency mode needs hidden <= " +
+                                  std::to_string(jax_ep::kLowLatencyMaxHidden) + " (got " + std::to_string(ll_hidden) +
+                                  "): the dispatch send stages a token's row in shared memory");
+    }
   }
   l.low_latency = jax_ep::make_low_latency_layout(l.intranode.total, num_ranks, ll_num_experts, max_tokens, num_topk,
                                                   ll_hidden);

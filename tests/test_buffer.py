@@ -152,6 +152,20 @@ def test_low_latency_buffer_too_many_tokens_is_a_clear_error():
         ext.intranode_bytes(max_tokens=16385, **args)
 
 
+def test_low_latency_buffer_too_wide_is_a_clear_error():
+    """The low-latency dispatch send stages a token's bf16 row in shared memory: a hidden size past that bound is
+    refused when the CUDA runtime sizes the buffer, saying why."""
+    from jax_ep import _cuda
+    if _cuda.extension_error() is not None:
+        pytest.skip("CUDA extension not built")
+    ext = _cuda.extension()
+    args = dict(num_ranks=2, capacity=8, num_topk=8, max_row_bytes=64, max_scale_bytes=4, max_tokens=16,
+                ll_num_experts=16)
+    assert ext.intranode_bytes(ll_hidden=65536, **args) > 0
+    with pytest.raises(ValueError, match="stages a token's row in shared memory"):
+        ext.intranode_bytes(ll_hidden=65544, **args)
+
+
 def test_ranks_per_node_selects_internode_mode():
     mesh = ep_mesh(8)
 
