@@ -331,6 +331,9 @@ __device__ __forceinline__ void find_token_dests(const PeerView& v, int id, int 
   }
 }
 
+// kSplitRow: the R=2 build, a token's row over row_parts blocks. A separate build because the split's index arithmetic
+// cost the unsplit send ~1 us at R=8 (22.4 -> 23.4 us, both GPUs) when row_parts was only a run-time value.
+template <bool kSplitRow>
 __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_send_kernel(PeerView v, LowLatencyDispatchSendArgs a,
                                                                                           int tokens_per_pass, int row_parts) {
   const uint64_t entry_ns = global_timer_ns();
@@ -341,9 +344,11 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_se
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, P = tokens_per_pass, row_vecs = H / 8;
   // Where the grid budget has room (R=2), a token's row is split over row_parts blocks (pieces [j_lo, j_hi), whole
   // 128-channel groups); part 0 also writes the header and the presence bits.
-  const int part = static_cast<int>(blockIdx.x) % row_parts, step = static_cast<int>(gridDim.x) / row_parts;
+  const int part = kSplitRow ? static_cast<int>(blockIdx.x) % row_parts : 0;
+  const int step = kSplitRow ? static_cast<int>(gridDim.x) / row_parts : static_cast<int>(gridDim.x);
   const int unit = row_vecs % 16 == 0 ? 16 : 1;
-  const int j_lo = row_vecs / unit * part / row_parts * unit, j_hi = row_vecs / unit * (part + 1) / row_parts * unit;
+  const int j_lo = kSplitRow ? row_vecs / unit * part / row_parts * unit : 0;
+  const int j_hi = kSplitRow ? row_vecs / unit * (part + 1) / row_parts * unit : row_vecs;
   // Pass p takes tokens token_block + (p * P + i) * step, i < P (token_block = blockIdx.x / row_parts, step = grid /
   // row_parts). The first pass's rows and ids are requested before the epoch: nothing about them depends on the op.
   auto request_rows = [&](int first) {
@@ -359,7 +364,7 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_se
     const int t = first + warp * step;
     return warp < P && lane < K && t < T ? sanitize(a.topk_idx[t * K + lane], E) : -1;
   };
-  const int token_block = static_cast<int>(blockIdx.x) / row_parts;
+  const int token_block = kSplitRow ? static_cast<int>(blockIdx.x) / row_parts : static_cast<int>(blockIdx.x);
   int first = token_block;
   request_rows(first);
   int id = load_id(first);
@@ -389,7 +394,7 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_se
     __syncthreads();  // also orders every write below after the liveness check and the staging checks
     if (first == token_block) stamp_start(v, kDispatchSendKernel, epoch, entry_ns);
     const int tokens = min(P, ceil_div(T - first, step));
-    for (int i = 0; part == 0 && i < tokens; ++i) {
+    for (int i = 0; (!kSplitRow || part == 0) && i < tokens; ++i) {
       const int t = first + i * step;
       const TokenDests& d = dests[i];
       // The owner's receive finds expert e's rows by these bits. GPU scope suffices: only this rank writes the word.
@@ -431,7 +436,7 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_se
           for (int r = 0; r < n; ++r) reinterpret_cast<int4*>(d.row[r] + header_bytes)[j] = raw;
         }
       }
-      if (part == 0 && n > 0 && a.use_fp8 && a.use_ue8m0 && threadIdx.x < n) {  // the packed word's unused bytes (2^0)
+      if ((!kSplitRow || part == 0) && n > 0 && a.use_fp8 && a.use_ue8m0 && threadIdx.x < n) {  // the packed word's unused bytes (2^0)
         const int groups = H / 128;
         uint8_t* scales = d.row[threadIdx.x] + header_bytes + payload_bytes;
         for (int g = groups; g < (groups + 3) / 4 * 4; ++g) scales[g] = kUe8m0One;
@@ -880,12 +885,12 @@ cudaError_t launch_low_latency_dispatch_send(const PeerView& view, const LowLate
   int tokens_per_pass = std::max(1, std::min(kSendTokensPerPass, ceil_div(T, grid / row_parts)));
   if (tokens_per_pass * 2 * static_cast<size_t>(view.ll.hidden) > kSendPassSmemCap) tokens_per_pass = 1;
   const size_t smem = static_cast<size_t>(tokens_per_pass) * 2 * view.ll.hidden;
+  auto* kernel = row_parts > 1 ? ll_dispatch_send_kernel<true> : ll_dispatch_send_kernel<false>;
   if (smem > 48 * 1024) {  // past the default: opt in (Hopper allows up to 227 KB per block)
-    const cudaError_t e = cudaFuncSetAttribute(ll_dispatch_send_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               static_cast<int>(smem));
+    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (e != cudaSuccess) return e;
   }
-  ll_dispatch_send_kernel<<<grid, kThreads, smem, stream>>>(view, args, tokens_per_pass, row_parts);
+  kernel<<<grid, kThreads, smem, stream>>>(view, args, tokens_per_pass, row_parts);
   return cudaGetLastError();
 }
 
