@@ -138,32 +138,24 @@ def test_size_hint_matches_the_cuda_layout():
         assert buf.size_hint == runtime.bytes_per_rank(buf)
 
 
-def test_low_latency_buffer_too_many_tokens_is_a_clear_error():
-    """The low-latency receive keeps one (expert, source) pair's presence bits and 16-bit row slots in shared
-    memory: a T_max past that bound is refused when the CUDA runtime sizes the buffer, saying what to change."""
+@pytest.mark.parametrize("name, largest, message", [
+    # the receive keeps one (expert, source) pair's presence bits and 16-bit row slots in shared memory
+    ("max_tokens", 16384, "fewer tokens per rank"),
+    # the dispatch send stages a token's bf16 row in shared memory
+    ("ll_hidden", 65536, "stages a token's row in shared memory"),
+])
+def test_low_latency_buffer_past_a_bound_is_a_clear_error(name, largest, message):
+    """Low-latency sizes past what the kernels' shared memory holds are refused when the CUDA runtime sizes the
+    buffer, saying why."""
     from jax_ep import _cuda
     if _cuda.extension_error() is not None:
         pytest.skip("CUDA extension not built")
     ext = _cuda.extension()
-    args = dict(num_ranks=8, capacity=8, num_topk=8, max_row_bytes=64, max_scale_bytes=4, ll_hidden=7168,
-                ll_num_experts=256)
-    assert ext.intranode_bytes(max_tokens=16384, **args) > 0
-    with pytest.raises(ValueError, match="fewer tokens per rank"):
-        ext.intranode_bytes(max_tokens=16385, **args)
-
-
-def test_low_latency_buffer_too_wide_is_a_clear_error():
-    """The low-latency dispatch send stages a token's bf16 row in shared memory: a hidden size past that bound is
-    refused when the CUDA runtime sizes the buffer, saying why."""
-    from jax_ep import _cuda
-    if _cuda.extension_error() is not None:
-        pytest.skip("CUDA extension not built")
-    ext = _cuda.extension()
-    args = dict(num_ranks=2, capacity=8, num_topk=8, max_row_bytes=64, max_scale_bytes=4, max_tokens=16,
-                ll_num_experts=16)
-    assert ext.intranode_bytes(ll_hidden=65536, **args) > 0
-    with pytest.raises(ValueError, match="stages a token's row in shared memory"):
-        ext.intranode_bytes(ll_hidden=65544, **args)
+    args = dict(num_ranks=8, capacity=8, num_topk=8, max_row_bytes=64, max_scale_bytes=4, max_tokens=128,
+                ll_hidden=7168, ll_num_experts=256)
+    assert ext.intranode_bytes(**{**args, name: largest}) > 0
+    with pytest.raises(ValueError, match=message):
+        ext.intranode_bytes(**{**args, name: largest + 8})
 
 
 def test_ranks_per_node_selects_internode_mode():
