@@ -839,6 +839,11 @@ constexpr int kCombineRecvParts = 2;
 
 int capped_grid(int wanted, int budget) { return wanted < 1 ? 1 : (budget > 0 && wanted > budget ? budget : wanted); }
 
+// How many blocks each of `items` work items may be split over within the grid budget (1 when there is no room).
+int parts_within(int budget, int items, int max_parts) {
+  return items > 0 ? std::max(1, std::min(max_parts, budget / items)) : 1;
+}
+
 }  // namespace
 
 LowLatencyLayout make_low_latency_layout(size_t base, int num_ranks, int num_experts, int max_tokens, int num_topk,
@@ -880,7 +885,7 @@ LowLatencyLayout make_low_latency_layout(size_t base, int num_ranks, int num_exp
 cudaError_t launch_low_latency_dispatch_send(const PeerView& view, const LowLatencyDispatchSendArgs& args,
                                              int num_blocks, cudaStream_t stream) {
   const int T = args.num_tokens, budget = five_per_sm_grid(num_blocks);
-  const int row_parts = T > 0 ? std::max(1, std::min(kSendRowParts, budget / T)) : 1;
+  const int row_parts = parts_within(budget, T, kSendRowParts);
   const int grid = row_parts > 1 ? T * row_parts : capped_grid(T, budget);
   int tokens_per_pass = std::max(1, std::min(kSendTokensPerPass, ceil_div(T, grid / row_parts)));
   if (tokens_per_pass * 2 * static_cast<size_t>(view.ll.hidden) > kSendPassSmemCap) tokens_per_pass = 1;
@@ -906,7 +911,7 @@ cudaError_t launch_low_latency_combine_send(const PeerView& view, const LowLaten
   // Its own rank's answers are not sent. Where the budget allows, each pair's rows are split over up to
   // kCombineSendSplits blocks: at R=2 one block per pair left each block four dependent load rounds.
   const int pairs = view.ll.local_experts() * (view.ll.num_ranks - 1);
-  const int splits = pairs > 0 ? std::max(1, std::min(kCombineSendSplits, num_blocks / pairs)) : 1;
+  const int splits = parts_within(num_blocks, pairs, kCombineSendSplits);
   ll_combine_send_kernel<<<capped_grid(pairs * splits, receive_grid(num_blocks)), kThreads, 0, stream>>>(view, args);
   return cudaGetLastError();
 }
@@ -914,7 +919,7 @@ cudaError_t launch_low_latency_combine_send(const PeerView& view, const LowLaten
 cudaError_t launch_low_latency_combine_recv(const PeerView& view, const LowLatencyCombineRecvArgs& args,
                                             int num_blocks, cudaStream_t stream) {
   const int budget = five_per_sm_grid(num_blocks);
-  const int parts = args.num_tokens > 0 ? std::max(1, std::min(kCombineRecvParts, budget / args.num_tokens)) : 1;
+  const int parts = parts_within(budget, args.num_tokens, kCombineRecvParts);
   ll_combine_recv_kernel<<<capped_grid(args.num_tokens * parts, budget), kThreads, 0, stream>>>(view, args, parts);
   return cudaGetLastError();
 }
