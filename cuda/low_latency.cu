@@ -410,8 +410,9 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_se
       const TokenDests& d = dests[i];
       const int n = d.num_rows;
       const int4* row_in = token_rows + i * row_vecs;
-      // Piece j (16 bytes = 8 channels) of the row is thread j % kThreads's; in fp8 a half-warp owns a
-      // 128-channel group, and since H % 128 == 0 a half-warp is wholly inside the row or wholly past it.
+      // Piece j (16 bytes = 8 channels) of the row is thread (j - j_lo) % kThreads's; in fp8 a half-warp owns a
+      // 128-channel group, and since H % 128 == 0 (and j_lo is a multiple of 16 pieces) a half-warp is wholly inside
+      // the row or wholly past it.
       for (int j0 = j_lo + warp * 32; n > 0 && j0 < j_hi; j0 += kThreads) {
         const int j = j0 + lane;
         const bool active = j < j_hi;
@@ -892,8 +893,8 @@ cudaError_t launch_low_latency_dispatch_send(const PeerView& view, const LowLate
   const size_t smem = static_cast<size_t>(tokens_per_pass) * 2 * view.ll.hidden;
   auto* kernel = row_parts > 1 ? ll_dispatch_send_kernel<true> : ll_dispatch_send_kernel<false>;
   if (smem > 48 * 1024) {  // past the default: opt in (Hopper allows up to 227 KB per block)
-    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (e != cudaSuccess) return e;
+    JAX_EP_CUDA_RETURN_IF_ERROR(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
   kernel<<<grid, kThreads, smem, stream>>>(view, args, tokens_per_pass, row_parts);
   return cudaGetLastError();
