@@ -78,6 +78,9 @@ struct PeerView {
   int* diag = nullptr;  // host-mapped i32[4]: {phase + 1, rank, peer, 0} of the first timeout
   const int* alive = nullptr;  // device word: 1 while open; a CUDA graph replayed after close() sees 0
   const int* pes = nullptr;    // internode: device i32[R], the NVSHMEM PE of each rank
+  // Bit r: rank r's memory is on this rank's GPU (this rank's own bit included). The low-latency dispatch reads those
+  // ranks' rows from their areas for themselves (they share this GPU's memory) and writes its rows into the others'.
+  unsigned long long same_gpu = 0;
 };
 
 // Wait phases, reported by timeouts.

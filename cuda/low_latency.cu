@@ -4,12 +4,14 @@
 // Dispatch send: a block takes its tokens two at a time (their rows copied into shared memory in one round); warp i
 // finds token i's distinct experts and their owner ranks; every thread casts its pieces of each bf16 row to fp8 once
 // if asked (the exact recipe of jax_ep.fp8) and stores them, with a header {token, its K expert ids}, once into each
-// owner's staging area for this source at slot t (the token index: a block needs no view of the other tokens; one row
-// serves all of the owner's experts the token named), and sets bit t of the owner's presence bits for each (expert,
-// me). The last block to finish raises one signal per owner.
+// owner on another GPU, at slot t of that owner's staging area for this source, and once for all the owners on this
+// GPU, at slot t of this rank's own area for itself, where they read it (the token index: a block needs no view of the
+// other tokens; one row serves all of an owner's experts the token named), and sets bit t of the owner's presence bits
+// for each (expert, me). The last block to finish raises one signal per rank.
 // Dispatch receive: blocks stride over (local expert, source rank) pairs, wait for every source's signal, count
-// each source's rows off its presence bits, and copy the pair's rows in token order to offset
-// sum_{s' < s} count(s') of the expert's output rows (the header gives each row's k for this expert).
+// each source's rows off its presence bits, and copy the pair's rows in token order -- from the source's area for
+// itself when it is on this GPU, else from this rank's area for it -- to offset sum_{s' < s} count(s') of the
+// expert's output rows (the header gives each row's k for this expert).
 // Combine mirrors it: the owner writes each answer to another rank's token into that rank's slot
 // [token][k]; the source sums w[t, k] * y in f32 in ascending k (the reference's order), reading its own
 // tokens' answers straight from y.
@@ -139,8 +141,9 @@ __device__ __forceinline__ void add_wait_time(const PeerView& v, int recv_kernel
   }
 }
 
-// A sender of epoch n writes parity n & 1: the destination must have received epoch n - 2 from it. If this
-// rank itself has not, the caller holds more than two results: that can never complete, so fail now.
+// A sender of epoch n writes parity n & 1: the destination must have received epoch n - 2 from it (for the dispatch
+// every rank: the ranks on this GPU read this rank's area for itself). If this rank itself has not, the caller holds
+// more than two results: that can never complete, so fail now.
 // `own_seen` / `dest_seen`: this rank's and dest's "done" flags, loaded (acquire) before the epoch was known so
 // that the two loads' latencies overlap; they are loaded again only when too old.
 __device__ void wait_staging_free(const PeerView& v, size_t done_offset, uint64_t epoch, int dest, int phase,
@@ -296,13 +299,18 @@ __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wai
 
 // Where one token goes: filled by warp i for the pass's token i.
 struct TokenDests {
-  uint8_t* row[32];         // the owners' staging rows (one per owner rank)
+  uint8_t* row[32];         // its staging rows: one per owner on another GPU, one here for all the owners on this GPU
   uint32_t* bits[32];       // the owners' presence-bit words (one per named expert)
   int ids[32];              // the token's expert ids (sanitized), for the header
   int num_rows, num_bits;
 };
 
-// Warp-wide (lane k holds the token's k-th id): the distinct owner ranks and named experts of token t.
+// Warp-wide (lane k holds the token's k-th id): the distinct owner ranks and named experts of token t. An owner on
+// another GPU gets the row in its staging (slot t of its area for this source); the owners on this GPU read it from
+// slot t of this rank's area for itself, written once for all of them: on one GPU the ranks share its memory, and a
+// row written into each owner's area multiplied the bytes every op moves through it (R=8: ~40 MB instead of ~7.6).
+// kOneGpu: every rank is on this GPU (the launcher checks PeerView::same_gpu), so each token has that one row.
+template <bool kOneGpu>
 __device__ __forceinline__ void find_token_dests(const PeerView& v, int id, int t, size_t parity, size_t bits_copy,
                                                  TokenDests* d) {
   const LowLatencyLayout& l = v.ll;
@@ -312,28 +320,37 @@ __device__ __forceinline__ void find_token_dests(const PeerView& v, int id, int 
   for (int j = 0; j < K; ++j) {
     const int other = __shfl_sync(kFullMask, id, j);
     if (j < lane && other == id) first = false;
-    if (j < lane && other >= 0 && other / E_loc == owner) first_of_owner = false;
+    if (!kOneGpu && j < lane && other >= 0 && other / E_loc == owner) first_of_owner = false;
   }
   const unsigned named = __ballot_sync(kFullMask, first);
   if (first) {
     d->bits[__popc(named & ((1u << lane) - 1u))] =
         field<uint32_t>(v.peers[owner], l.dispatch_bits) + ((bits_copy * E_loc + id % E_loc) * R + v.rank) * W + (t >> 5);
   }
-  const unsigned mask = __ballot_sync(kFullMask, first_of_owner);
-  if (first_of_owner) {
-    d->row[__popc(mask & ((1u << lane) - 1u))] =
+  const bool same_gpu = kOneGpu || (owner >= 0 && ((v.same_gpu >> owner) & 1ull));
+  const unsigned pushed = kOneGpu ? 0u : __ballot_sync(kFullMask, first_of_owner && !same_gpu);
+  const bool any_same_gpu = kOneGpu ? named != 0 : __ballot_sync(kFullMask, first_of_owner && same_gpu) != 0;
+  if (!kOneGpu && first_of_owner && !same_gpu) {
+    d->row[__popc(pushed & ((1u << lane) - 1u))] =
         v.peers[owner] + l.dispatch_stage + ((parity * R + v.rank) * T_max + t) * static_cast<size_t>(l.row_stride);
   }
   d->ids[lane] = id;
   if (lane == 0) {
-    d->num_rows = __popc(mask);
+    int rows = __popc(pushed);
+    if (any_same_gpu) {
+      d->row[rows++] =
+          v.local + l.dispatch_stage + ((parity * R + v.rank) * T_max + t) * static_cast<size_t>(l.row_stride);
+    }
+    d->num_rows = rows;
     d->num_bits = __popc(named);
   }
 }
 
 // kSplitRow: the R=2 build, a token's row over row_parts blocks. A separate build because the split's index arithmetic
 // cost the unsplit send ~1 us at R=8 (22.4 -> 23.4 us, both GPUs) when row_parts was only a run-time value.
-template <bool kSplitRow>
+// kOneGpu: every rank on this GPU, one row per token. A separate build because the per-owner row list cost the send on
+// one H200 3.5 us at R=8 (18.0 against 14.5) and 2 us at R=2 (10.4 against 8.4) with only that one row in it.
+template <bool kSplitRow, bool kOneGpu>
 __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_send_kernel(PeerView v, LowLatencyDispatchSendArgs a,
                                                                                           int tokens_per_pass, int row_parts) {
   const uint64_t entry_ns = global_timer_ns();
@@ -368,9 +385,10 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_se
   int first = token_block;
   request_rows(first);
   int id = load_id(first);
-  // The last warp checks that every destination's staging is free (its acquire issued after the epoch's load, so
-  // both are one round) while warps < P find their tokens' destinations; nothing is written to a destination
-  // before that check.
+  // The last warp checks that every rank has received epoch n - 2 (its acquire issued after the epoch's load, so both
+  // are one round) while warps < P find their tokens' destinations: until then a rank may still read its area for
+  // this rank, or this rank's area for itself (owners on this GPU), of parity n & 1; nothing is written before that
+  // check.
   const uint64_t epoch = ld_peer_written(field<uint64_t>(v.local, l.dispatch_epoch)) + 1;
   DoneSeen seen;
   if (warp == kWarps - 1 && lane < R) seen = load_done_flags(v, l.dispatch_done, lane);
@@ -383,14 +401,16 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_se
     }
   }
 
-  // Per token: one staging row per owner rank (slot t of the owner's area for this source), one presence bit per
-  // named expert. After the barrier -- nothing is written to a peer before the checks above: the receive of epoch
-  // n - 2 clears the bits this op sets -- every thread casts / copies its pieces of each row once and stores them
-  // to every owner.
+  // Per token: one staging row per owner rank on another GPU (slot t of the owner's area for this source) and one in
+  // this rank's area for itself (slot t) for the owners on this GPU, one presence bit per named expert. After the
+  // barrier -- nothing is written before the checks above: the receive of epoch n - 2 clears the bits this op sets and reads
+  // the rows it rewrites -- every thread casts / copies its pieces of each row once and stores them to every row.
   const int payload_bytes = a.use_fp8 ? H : 2 * H, header_bytes = low_latency_header_bytes(K);
   const bool round_scale = a.round_scale || a.use_ue8m0;
   for (; first < T; first += P * step) {
-    if (warp < P && first + warp * step < T) find_token_dests(v, id, first + warp * step, parity, bits_copy, &dests[warp]);
+    if (warp < P && first + warp * step < T) {
+      find_token_dests<kOneGpu>(v, id, first + warp * step, parity, bits_copy, &dests[warp]);
+    }
     __syncthreads();  // also orders every write below after the liveness check and the staging checks
     if (first == token_block) stamp_start(v, kDispatchSendKernel, epoch, entry_ns);
     const int tokens = min(P, ceil_div(T - first, step));
@@ -400,15 +420,24 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_se
       // The owner's receive finds expert e's rows by these bits. GPU scope suffices: only this rank writes the word.
       if (threadIdx.x < d.num_bits) atomicOr(d.bits[threadIdx.x], 1u << (t & 31));
       // The header {t, the token's K expert ids}: an owner's receive finds there the first k naming each expert.
-      for (int h = threadIdx.x; h < d.num_rows * (header_bytes / 4); h += kThreads) {
-        const int r = h / (header_bytes / 4), w = h % (header_bytes / 4);
-        reinterpret_cast<int*>(d.row[r])[w] = w == 0 ? t : (w <= K ? d.ids[w - 1] : -1);
+      if (kOneGpu) {
+        if (d.num_rows != 0 && threadIdx.x < header_bytes / 4) {
+          const int w = threadIdx.x;
+          reinterpret_cast<int*>(d.row[0])[w] = w == 0 ? t : (w <= K ? d.ids[w - 1] : -1);
+        }
+      } else {
+        for (int h = threadIdx.x; h < d.num_rows * (header_bytes / 4); h += kThreads) {
+          const int r = h / (header_bytes / 4), w = h % (header_bytes / 4);
+          reinterpret_cast<int*>(d.row[r])[w] = w == 0 ? t : (w <= K ? d.ids[w - 1] : -1);
+        }
       }
     }
     cp_async_wait_all();  // this thread's pieces (each thread reads back only what it requested)
     for (int i = 0; i < tokens; ++i) {
       const TokenDests& d = dests[i];
       const int n = d.num_rows;
+      if (kOneGpu && n == 0) continue;  // block-uniform: every thread reads the same shared entry
+      uint8_t* const row0 = d.row[0];   // kOneGpu's only row, held in a register across the stores
       const int4* row_in = token_rows + i * row_vecs;
       // Piece j (16 bytes = 8 channels) of the row is thread (j - j_lo) % kThreads's; in fp8 a half-warp owns a
       // 128-channel group, and since H % 128 == 0 (and j_lo is a multiple of 16 pieces) a half-warp is wholly inside
@@ -422,8 +451,8 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_se
           const float scale_inv = cast8_fp8(raw, round_scale, &q);
           if (!active) continue;
           const int g = j / 16;
-          for (int r = 0; r < n; ++r) {
-            uint8_t* row = d.row[r] + header_bytes;
+          for (int r = 0; r < (kOneGpu ? 1 : n); ++r) {
+            uint8_t* row = (kOneGpu ? row0 : d.row[r]) + header_bytes;
             *reinterpret_cast<uint2*>(row + j * 8) = q;
             if ((lane & 15) == 0) {
               if (a.use_ue8m0) {
@@ -434,7 +463,9 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_se
             }
           }
         } else if (active) {
-          for (int r = 0; r < n; ++r) reinterpret_cast<int4*>(d.row[r] + header_bytes)[j] = raw;
+          for (int r = 0; r < (kOneGpu ? 1 : n); ++r) {
+            reinterpret_cast<int4*>((kOneGpu ? row0 : d.row[r]) + header_bytes)[j] = raw;
+          }
         }
       }
       if ((!kSplitRow || part == 0) && n > 0 && a.use_fp8 && a.use_ue8m0 && threadIdx.x < n) {  // the packed word's unused bytes (2^0)
@@ -550,8 +581,13 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_re
   __syncthreads();  // slot_of_row
   const int payload_bytes = a.use_fp8 ? H : 2 * H;
   const int scale_bytes = a.use_fp8 ? 4 * low_latency_scale_words(H, a.use_ue8m0) : 0;
-  // Source s's rows (one per token, shared by every expert of this rank the token named).
-  const uint8_t* stage = v.local + l.dispatch_stage + (parity * R + s) * T_max * static_cast<size_t>(l.row_stride);
+  // Source s's rows (one per token, shared by every expert of this rank the token named): in s's area for itself when
+  // s is on this GPU, else where s wrote them, in this rank's area for s. The area's first row index is 32-bit: as a
+  // 64-bit product the compiler kept its factors live and spilled ~120 bytes per block (HEAD's form: 71.4 -> 67.5 us at
+  // R=8 without the spills).
+  const int area_row = (static_cast<int>(parity) * R + s) * T_max;
+  const uint8_t* stage = ((v.same_gpu >> s) & 1ull ? v.peers[s] : v.local) + l.dispatch_stage +
+                         static_cast<size_t>(area_row) * l.row_stride;
   // A row's first chunk also carries its header (lanes < header units) and scales (the next lanes, 16- or 4-byte
   // units), loaded in the same round as the payload: a row costs one dependent load round, not three.
   const int header_bytes = low_latency_header_bytes(l.num_topk), header_units = header_bytes / 16;
@@ -891,7 +927,11 @@ cudaError_t launch_low_latency_dispatch_send(const PeerView& view, const LowLate
   int tokens_per_pass = std::max(1, std::min(kSendTokensPerPass, ceil_div(T, grid / row_parts)));
   if (tokens_per_pass * 2 * static_cast<size_t>(view.ll.hidden) > kSendPassSmemCap) tokens_per_pass = 1;
   const size_t smem = static_cast<size_t>(tokens_per_pass) * 2 * view.ll.hidden;
-  auto* kernel = row_parts > 1 ? ll_dispatch_send_kernel<true> : ll_dispatch_send_kernel<false>;
+  const int R = view.ll.num_ranks;
+  const bool one_gpu = view.same_gpu == (R >= 64 ? ~0ull : (1ull << R) - 1);  // every rank's memory on this GPU
+  auto* kernel = row_parts > 1
+      ? (one_gpu ? ll_dispatch_send_kernel<true, true> : ll_dispatch_send_kernel<true, false>)
+      : (one_gpu ? ll_dispatch_send_kernel<false, true> : ll_dispatch_send_kernel<false, false>);
   if (smem > 48 * 1024) {  // past the default: opt in (Hopper allows up to 227 KB per block)
     JAX_EP_CUDA_RETURN_IF_ERROR(
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));

@@ -2,8 +2,9 @@
 // handlers; kernels in cuda/low_latency.cu.
 //
 // Each op is two launches that never wait for each other's SMs: a send kernel that writes every token's row
-// straight into the staging area of each rank owning one of its experts (once per rank) and raises one signal per
-// owner, and a receive kernel that waits for those signals and lays the rows out for the caller. Work placed
+// straight into the staging area of each rank on another GPU owning one of its experts (once per rank) and once
+// into its own area for itself for the owners on its GPU, and raises one signal per rank, and a receive kernel that
+// waits for those signals and lays the rows out for the caller. Work placed
 // between the two runs while the transfer completes. The send kernel returns a ticket (the op's epoch)
 // that the receive kernel reads, so the pair needs no host-side state.
 #pragma once

@@ -163,10 +163,10 @@ std::tuple<uintptr_t, nb::bytes, size_t> IntranodeAlloc(int64_t uid, int device,
 
 void IntranodeOpen(int64_t uid, int device, int rank, const std::vector<uintptr_t>& ptrs,
                    const std::vector<nb::bytes>& handles, const std::vector<int>& peer_devices, double timeout_s,
-                   int num_blocks) {
+                   int num_blocks, uint64_t same_gpu) {
   std::vector<std::string> h;
   for (const auto& b : handles) h.emplace_back(b.c_str(), b.size());
-  jax_ep::runtime_open(uid, device, rank, ptrs, h, peer_devices, timeout_s, num_blocks);
+  jax_ep::runtime_open(uid, device, rank, ptrs, h, peer_devices, timeout_s, num_blocks, same_gpu);
 }
 
 }  // namespace
@@ -195,10 +195,17 @@ NB_MODULE(_C, m) {
         "Allocate (cudaMalloc, zeroed) this rank's communication memory: (pointer, CUDA IPC handle, bytes).");
   m.def("intranode_open", &IntranodeOpen, nb::arg("uid"), nb::arg("device"), nb::arg("rank"), nb::arg("ptrs"),
         nb::arg("handles"), nb::arg("peer_devices"), nb::arg("timeout_s"), nb::arg("num_blocks"),
-        "Build the peer table (in-process pointers or IPC handles) and make the buffer usable by the kernels.");
+        nb::arg("same_gpu") = 0,
+        "Build the peer table (in-process pointers or IPC handles) and make the buffer usable by the kernels. "
+        "same_gpu: bit r when rank r's memory is on this rank's GPU.");
   m.def("intranode_open_symmetric", &jax_ep::runtime_open_symmetric, nb::arg("uid"), nb::arg("device"),
-        nb::arg("rank"), nb::arg("peer_pes"), nb::arg("timeout_s"), nb::arg("num_blocks"),
+        nb::arg("rank"), nb::arg("peer_pes"), nb::arg("timeout_s"), nb::arg("num_blocks"), nb::arg("same_gpu") = 0,
         "Peer table of an NVSHMEM-allocated buffer (nvshmem_ptr of every rank's PE).");
+  m.def("device_uuid", [](int device) {
+          const std::string id = jax_ep::device_uuid(device);
+          return nb::bytes(id.data(), id.size());
+        },
+        nb::arg("device"), "The CUDA device's 16-byte UUID (ranks sharing a GPU have the same).");
   m.def("nvshmem_unique_id", []() {
           const std::string id = jax_ep::nvshmem_unique_id();
           return nb::bytes(id.data(), id.size());

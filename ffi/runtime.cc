@@ -111,7 +111,8 @@ std::string describe_failure(volatile int* d) {
 }
 
 // The end of both opens: upload the peer table and make the view usable (g_mutex held).
-void finish_open(GroupState& g, const std::vector<uint8_t*>& peers, int rank, double timeout_s, int num_blocks) {
+void finish_open(GroupState& g, const std::vector<uint8_t*>& peers, int rank, double timeout_s, int num_blocks,
+                 uint64_t same_gpu) {
   const int R = g.layout.num_ranks;
   const int device = g.device;
   check(cudaMalloc(reinterpret_cast<void**>(&g.peers_dev), R * sizeof(uint8_t*)), "cudaMalloc (peer table)");
@@ -126,6 +127,7 @@ void finish_open(GroupState& g, const std::vector<uint8_t*>& peers, int rank, do
   g.view.timeout_ns = static_cast<unsigned long long>(timeout_s * 1e9);
   g.view.diag = diag_dev;
   g.view.alive = g.alive;
+  g.view.same_gpu = same_gpu | (1ull << rank);
   set_alive(g.alive, 1);
   if (num_blocks <= 0) {
     int sms = 0;
@@ -180,7 +182,7 @@ AllocResult runtime_alloc(int64_t uid, int device, const IntranodeLayout& layout
 
 void runtime_open(int64_t uid, int device, int rank, const std::vector<uintptr_t>& peer_ptrs,
                   const std::vector<std::string>& peer_handles, const std::vector<int>& peer_devices,
-                  double timeout_s, int num_blocks) {
+                  double timeout_s, int num_blocks, uint64_t same_gpu) {
   std::lock_guard<std::mutex> lock(g_mutex);
   auto it = g_groups.find(std::make_pair(uid, device));
   if (it == g_groups.end()) throw std::runtime_error("jax_ep runtime: open before alloc");
@@ -224,11 +226,11 @@ void runtime_open(int64_t uid, int device, int rank, const std::vector<uintptr_t
       peers[r] = static_cast<uint8_t*>(p);
     }
   }
-  finish_open(g, peers, rank, timeout_s, num_blocks);
+  finish_open(g, peers, rank, timeout_s, num_blocks, same_gpu);
 }
 
 void runtime_open_symmetric(int64_t uid, int device, int rank, const std::vector<int>& peer_pes, double timeout_s,
-                            int num_blocks) {
+                            int num_blocks, uint64_t same_gpu) {
   std::lock_guard<std::mutex> lock(g_mutex);
   auto it = g_groups.find(std::make_pair(uid, device));
   if (it == g_groups.end()) throw std::runtime_error("jax_ep runtime: open before alloc");
@@ -255,8 +257,14 @@ void runtime_open_symmetric(int64_t uid, int device, int rank, const std::vector
     check(cudaMalloc(reinterpret_cast<void**>(&g.pes_dev), R * sizeof(int)), "cudaMalloc (PE table)");
     check(cudaMemcpy(g.pes_dev, peer_pes.data(), R * sizeof(int), cudaMemcpyHostToDevice), "cudaMemcpy (PE table)");
   }
-  finish_open(g, peers, rank, timeout_s, num_blocks);
+  finish_open(g, peers, rank, timeout_s, num_blocks, same_gpu);
   g.view.pes = g.pes_dev;
+}
+
+std::string device_uuid(int device) {
+  cudaDeviceProp prop;
+  check(cudaGetDeviceProperties(&prop, device), "cudaGetDeviceProperties");
+  return std::string(prop.uuid.bytes, sizeof(prop.uuid.bytes));
 }
 
 

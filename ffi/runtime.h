@@ -25,16 +25,20 @@ AllocResult runtime_alloc(int64_t uid, int device, const IntranodeLayout& layout
 
 // Make the peer table. For each rank r: peer_devices[r] >= 0 means an in-process allocation on that
 // device (peer_ptrs[r]); otherwise peer_handles[r] is a CUDA IPC handle from another process.
+// same_gpu: bit r when rank r's memory is on this rank's GPU (PeerView::same_gpu; this rank's bit is added).
 void runtime_open(int64_t uid, int device, int rank, const std::vector<uintptr_t>& peer_ptrs,
                   const std::vector<std::string>& peer_handles, const std::vector<int>& peer_devices,
-                  double timeout_s, int num_blocks);
+                  double timeout_s, int num_blocks, uint64_t same_gpu = 0);
 
 // Closing is two-phase so that no process frees memory a peer still maps: unmap (wait for this device's
 // work, close the peers' IPC mappings, mark the buffer dead for graph replays), then -- after every
 // process of the group has unmapped -- free.
 // The peer table of a symmetric buffer: rank r's block is nvshmem_ptr(local, peer_pes[r]).
 void runtime_open_symmetric(int64_t uid, int device, int rank, const std::vector<int>& peer_pes, double timeout_s,
-                            int num_blocks);
+                            int num_blocks, uint64_t same_gpu = 0);
+
+// The 16-byte UUID of a CUDA device: processes compare them to find the ranks that share a GPU.
+std::string device_uuid(int device);
 
 void runtime_unmap(int64_t uid);
 void runtime_free(int64_t uid);

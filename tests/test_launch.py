@@ -64,6 +64,19 @@ def test_auto_transport_takes_nvshmem_only_where_every_process_can():
     assert use_symmetric("ipc", 2, **launcher, heap_free=None)                # internode mode always is symmetric
 
 
+def test_same_gpu_mask_names_the_ranks_sharing_this_rank_gpu():
+    """The low-latency dispatch reads the rows of ranks on its own GPU from their staging and writes into the others':
+    the mask has bit r for every rank whose device UUID is this rank's (its own bit included)."""
+    from jax_ep.cuda_backend.runtime import same_gpu_mask
+    one_gpu = [b"A" * 16] * 8                                  # R=8 processes under MPS on one GPU
+    assert same_gpu_mask(one_gpu, 3) == 0xFF
+    per_gpu = [bytes([i]) * 16 for i in range(8)]              # one rank per GPU
+    assert [same_gpu_mask(per_gpu, r) for r in range(8)] == [1 << r for r in range(8)]
+    two_by_two = [b"A" * 16, b"A" * 16, b"B" * 16, b"B" * 16]  # R=4 over two GPUs
+    assert same_gpu_mask(two_by_two, 1) == 0b0011 and same_gpu_mask(two_by_two, 2) == 0b1100
+    assert same_gpu_mask([b"A" * 16] * 64, 63) == (1 << 64) - 1  # the widest group: the kernels' 64-bit mask
+
+
 def test_coordinator_port_is_outside_the_ephemeral_range_and_free():
     """The launcher's coordinator port: never one the kernel may hand to an outgoing connection meanwhile,
     and bindable on every address (what JAX's coordinator binds)."""

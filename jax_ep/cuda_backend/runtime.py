@@ -57,6 +57,12 @@ def use_symmetric(choice: str, num_nodes: int, devices_per_process: list[int], p
             and (heap_free is None or nbytes + _HEAP_SLACK <= heap_free))
 
 
+def same_gpu_mask(uuids: list[bytes], rank: int) -> int:
+    """Bit r set when rank r's device (``uuids[r]``, its CUDA UUID) is rank ``rank``'s: the ranks whose memory this
+    rank's GPU holds, which the low-latency dispatch reads from instead of writing into (docs/low_latency.md)."""
+    return sum(1 << r for r, uuid in enumerate(uuids) if uuid == uuids[rank])
+
+
 def _kv_client():
     from jax._src.distributed import global_state
     return global_state.client
@@ -149,8 +155,9 @@ class IntranodeRuntime:
                 self._client = _kv_client()
                 if self._client is None:
                     raise RuntimeError("jax_ep: a mesh spanning several processes needs jax.distributed.initialize()")
-                if not self._symmetric:
-                    for d in local:
+                for d in local:
+                    self._client.key_value_set_bytes(f"{self._prefix}/uuid/{d.id}", ext.device_uuid(d.local_hardware_id))
+                    if not self._symmetric:
                         self._client.key_value_set_bytes(f"{self._prefix}/ipc/{d.id}", allocs[d.id][1])
             for d in local:
                 self._open(ext, buffer, devices, ax, d, allocs)
@@ -170,9 +177,12 @@ class IntranodeRuntime:
     def _open(self, ext, buffer, devices, ax, d, allocs):
         coords = tuple(int(c) for c in np.argwhere(devices == d)[0])
         group = np.moveaxis(devices, ax, 0)[(slice(None),) + coords[:ax] + coords[ax + 1:]]
+        uuids = [ext.device_uuid(p.local_hardware_id) if p.process_index == self._me else
+                 self._client.blocking_key_value_get_bytes(f"{self._prefix}/uuid/{p.id}", _KV_TIMEOUT_MS) for p in group]
+        same_gpu = same_gpu_mask(uuids, coords[ax])
         if self._symmetric:   # PE = process index (one device per process)
             ext.intranode_open_symmetric(self.uid, d.local_hardware_id, coords[ax], [p.process_index for p in group],
-                                         float(buffer.timeout_s), int(buffer.num_sms or 0))
+                                         float(buffer.timeout_s), int(buffer.num_sms or 0), same_gpu)
             return
         ptrs, handles, peer_devs = [], [], []
         for peer in group:
@@ -186,7 +196,7 @@ class IntranodeRuntime:
                                                                          _KV_TIMEOUT_MS))
                 peer_devs.append(-1)
         ext.intranode_open(self.uid, d.local_hardware_id, coords[ax], ptrs, handles, peer_devs,
-                           float(buffer.timeout_s), int(buffer.num_sms or 0))
+                           float(buffer.timeout_s), int(buffer.num_sms or 0), same_gpu)
 
     def _barrier(self, name):
         if self._client is None:
