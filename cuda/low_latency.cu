@@ -583,8 +583,8 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_re
   const int scale_bytes = a.use_fp8 ? 4 * low_latency_scale_words(H, a.use_ue8m0) : 0;
   // Source s's rows (one per token, shared by every expert of this rank the token named): in s's area for itself when
   // s is on this GPU, else where s wrote them, in this rank's area for s. The area's first row index is 32-bit: as a
-  // 64-bit product the compiler kept its factors live and spilled ~120 bytes per block (HEAD's form: 71.4 -> 67.5 us at
-  // R=8 without the spills).
+  // 64-bit product it left the kernel spilling at its 48-register cap (124 B of spill loads, some in the row-copy
+  // loop); e70c193's push receive with only this change went from 71.1-72.3 to 67.1-67.9 us at R=8 (session 14).
   const int area_row = (static_cast<int>(parity) * R + s) * T_max;
   const uint8_t* stage = ((v.same_gpu >> s) & 1ull ? v.peers[s] : v.local) + l.dispatch_stage +
                          static_cast<size_t>(area_row) * l.row_stride;
