@@ -349,7 +349,8 @@ __device__ __forceinline__ void find_token_dests(const PeerView& v, int id, int 
 // kSplitRow: the R=2 build, a token's row over row_parts blocks. A separate build because the split's index arithmetic
 // cost the unsplit send ~1 us at R=8 (22.4 -> 23.4 us, both GPUs) when row_parts was only a run-time value.
 // kOneGpu: every rank on this GPU, one row per token. A separate build because the per-owner row list cost the send on
-// one H200 3.5 us at R=8 (18.0 against 14.5) and 2 us at R=2 (10.4 against 8.4) with only that one row in it.
+// one H200 3.5 us at R=8 (18.0-18.3 against 14.5-14.6) and 1.5-2 us at R=2 (9.9-10.4 against 8.4) with only that one
+// row in it.
 template <bool kSplitRow, bool kOneGpu>
 __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_send_kernel(PeerView v, LowLatencyDispatchSendArgs a,
                                                                                           int tokens_per_pass, int row_parts) {
@@ -584,7 +585,8 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_re
   // Source s's rows (one per token, shared by every expert of this rank the token named): in s's area for itself when
   // s is on this GPU, else where s wrote them, in this rank's area for s. The area's first row index is 32-bit: as a
   // 64-bit product it left the kernel spilling at its 48-register cap (124 B of spill loads, some in the row-copy
-  // loop); e70c193's push receive with only this change went from 71.1-72.3 to 67.1-67.9 us at R=8 (session 14).
+  // loop); in e70c193's push receive this change alone took the R=8 receive after its wait from 37.8-38.9 to
+  // 34.4-34.6 us (the dispatch 71.1-72.3 -> 67.1-67.9; session 14).
   const int area_row = (static_cast<int>(parity) * R + s) * T_max;
   const uint8_t* stage = ((v.same_gpu >> s) & 1ull ? v.peers[s] : v.local) + l.dispatch_stage +
                          static_cast<size_t>(area_row) * l.row_stride;
