@@ -35,12 +35,18 @@ def buffer(mesh, backend, T_max, H, K, E):
                          backend=backend)
 
 
+_transports = set()   # the transport of every GPU Buffer (noted, not kept: a live Buffer holds heap memory)
+
+
 def run(mesh, backend, fn, arrays, n_out, dims):
     buf = buffer(mesh, backend, *dims)
     f = jax.jit(jax.shard_map(lambda *a: fn(buf, *a), mesh=mesh, in_specs=(P("ep"),) * len(arrays),
                               out_specs=(P("ep"),) * n_out))
     if mesh is gpu_mesh:
-        return [local_rows(o) for o in f(*[global_array(mesh, a) for a in arrays])], f
+        outs = [local_rows(o) for o in f(*[global_array(mesh, a) for a in arrays])]
+        if "runtime" in buf._state():
+            _transports.add(buf._state()["runtime"].transport)
+        return outs, f
     outs = f(*arrays)
     return [np.asarray(o).reshape((R, -1) + o.shape[1:])[rank] for o in outs], f
 
@@ -198,4 +204,12 @@ case(T_max=32, H=256, K=16, E=max(16, 4 * R), use_fp8=False, seed=7)
 case_two_in_flight_and_overlap()
 case_independent_ops()
 case_stats_and_determinism()
+if GPU_BACKEND == "cuda":
+    # The transport each Buffer took (one GPU per process, the mesh over every process): auto takes NVSHMEM,
+    # JAX_EP_TRANSPORT=ipc keeps CUDA IPC -- whose same-GPU reads (a source's own staging, read by the owners on its
+    # GPU) are only exercised by a run that asked for it.
+    asked = os.environ.get("JAX_EP_TRANSPORT", "auto")
+    want = "ipc" if asked == "ipc" else "nvshmem"
+    taken = sorted(_transports)
+    check(f"transport ({asked}) is {want}", np.array(taken == [want]), np.array(True))
 sys.exit(check.finish(time.time() - t0, ranks=R, device=str(jax.devices()[0].device_kind)))
