@@ -6,6 +6,7 @@
 # bench_normal (R=8, DeepEP's normal config), bench_ll (R=2 and R=8, DeepEP's low-latency config),
 # micro (benchmarks/micro/row_scatter.cu, prebuilt by nvcc as .dev/row_scatter: the device may have no nvcc),
 # micro_ipc (benchmarks/micro/ipc_scatter.py: the send's scatter in 8 processes, IPC peers vs own memory),
+# micro_copy (benchmarks/micro/row_copy.py: the low-latency combine send's row copy on one GPU, against memcpy),
 # limits (peer/NVLink copy bandwidth between the GPUs, benchmarks/peer_copy.py), pytest (the whole
 # `pytest -m gpu`: single-process tests use every visible GPU), sweep (benchmarks/bench.py in one process over
 # every GPU, with the XLA baselines), sweep_mp (the same through jax_ep.launch, SWEEP_RANKS ranks).
@@ -89,6 +90,10 @@ if has micro_ipc; then  # the dispatch send's scatter across 8 processes: into p
       python3 benchmarks/micro/ipc_scatter.py --row-bytes "$rb" > "$OUT/ipc_scatter_$rb.log" 2>&1
     echo "ipc_scatter row_bytes=$rb exit $?"; grep -E '^\{|Error' "$OUT/ipc_scatter_$rb.log" | head -8
   done
+fi
+if has micro_copy; then  # the low-latency combine send's row copy on one whole GPU (cupy): its pattern vs memcpy
+  timeout 150 python3 benchmarks/micro/row_copy.py > "$OUT/row_copy.json" 2> "$OUT/row_copy.log"
+  echo "row_copy exit $?"; cat "$OUT/row_copy.json"
 fi
 if has bench_normal; then
   for R in ${BENCH_NORMAL_RANKS:-8}; do
