@@ -305,6 +305,11 @@ struct TokenDests {
   int num_rows, num_bits;
 };
 
+// Word w of a staged row's header {t, the token's K expert ids, -1 padding}.
+__device__ __forceinline__ int header_word(const TokenDests& d, int t, int w, int K) {
+  return w == 0 ? t : (w <= K ? d.ids[w - 1] : -1);
+}
+
 // Warp-wide (lane k holds the token's k-th id): the distinct owner ranks and named experts of token t. An owner on
 // another GPU gets the row in its staging (slot t of its area for this source); the owners on this GPU read it from
 // slot t of this rank's area for itself, written once for all of them: on one GPU the ranks share its memory, and a
@@ -424,12 +429,12 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_se
       if (kOneGpu) {
         if (d.num_rows != 0 && threadIdx.x < header_bytes / 4) {
           const int w = threadIdx.x;
-          reinterpret_cast<int*>(d.row[0])[w] = w == 0 ? t : (w <= K ? d.ids[w - 1] : -1);
+          reinterpret_cast<int*>(d.row[0])[w] = header_word(d, t, w, K);
         }
       } else {
         for (int h = threadIdx.x; h < d.num_rows * (header_bytes / 4); h += kThreads) {
           const int r = h / (header_bytes / 4), w = h % (header_bytes / 4);
-          reinterpret_cast<int*>(d.row[r])[w] = w == 0 ? t : (w <= K ? d.ids[w - 1] : -1);
+          reinterpret_cast<int*>(d.row[r])[w] = header_word(d, t, w, K);
         }
       }
     }
