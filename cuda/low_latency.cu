@@ -7,7 +7,7 @@
 // owner on another GPU, at slot t of that owner's staging area for this source, and once for all the owners on this
 // GPU, at slot t of this rank's own area for itself, where they read it (the token index: a block needs no view of the
 // other tokens; one row serves all of an owner's experts the token named), and sets bit t of the owner's presence bits
-// for each (expert, me). The last block to finish raises one signal per rank.
+// for each (expert, me). Each block, once its stores are done, adds its share to one signal counter per rank.
 // Dispatch receive: blocks stride over (local expert, source rank) pairs, wait for every source's signal, count
 // each source's rows off its presence bits, and copy the pair's rows in token order -- from the source's area for
 // itself when it is on this GPU, else from this rank's area for it -- to offset sum_{s' < s} count(s') of the
@@ -59,7 +59,7 @@ __device__ __forceinline__ int sanitize(int id, int num_experts) { return id >= 
 // block's memory operations too. The counter is left at zero for the next op.
 // The counter is a GPU-scope release / acquire: every block is on this GPU, and the PTX memory model's release is
 // cumulative, so the last block's system-scope signal orders whatever the other blocks did before counting for any
-// peer that acquires it -- a send's row stores (to peers on this GPU or over NVLink), a receive's loads of
+// peer that acquires it -- a send's row stores (when a rank is on another GPU), a receive's loads of
 // peer-written staging and the dispatch receive's clearing of the presence bits. A system-scope fence in every
 // block instead waited for that block's stores to drain at system scope: measured on the H200, 1-2 us more per
 // receive op (3a96f16) and 0.4-0.8 us per send at R=2, 1.5-2.5 us at R=8 (docs/low_latency.md, tenth session).
@@ -112,9 +112,22 @@ __device__ __forceinline__ void stamp_end(const PeerView& v, int kernel, uint64_
   }
 }
 
-// A send's last block: when it reached the finish (before its fence and the signals).
-__device__ __forceinline__ void stamp_mid(const PeerView& v, int kernel, uint64_t epoch, uint64_t when) {
-  if (threadIdx.x == 0) timeline_entry(v, kernel, epoch)[2] = when;
+// A send block, after its signals (thread 0): raises the op's latest arrival at the finish (mid: before the fence) and
+// its end (older ops' values in the slot are earlier). A send has no last block, so its kernel time is added to the
+// sums by its receive's last block (add_send_time), from these stamps.
+__device__ __forceinline__ void stamp_send_end(const PeerView& v, int kernel, uint64_t epoch, uint64_t arrived) {
+  auto* entry = reinterpret_cast<unsigned long long*>(timeline_entry(v, kernel, epoch));
+  atomicMax(entry + 2, static_cast<unsigned long long>(arrived));
+  atomicMax(entry + 3, static_cast<unsigned long long>(global_timer_ns()));
+}
+
+__device__ __forceinline__ void add_send_time(const PeerView& v, int send_kernel, uint64_t epoch) {  // the last block
+  if (threadIdx.x != 0) return;
+  const uint64_t* entry = timeline_entry(v, send_kernel, epoch);
+  const uint64_t start = ld_peer_written(entry), end = ld_peer_written(entry + 3);
+  uint64_t* t = field<uint64_t>(v.local, v.ll.timing);
+  t[kLowLatencyKernels + 2 * send_kernel] += end > start ? end - start : 0;
+  t[kLowLatencyKernels + 2 * send_kernel + 1] += 1;
 }
 
 // Receive kernels: how much of the kernel's time went to waiting for peers. Every block stamps the moment its
@@ -266,16 +279,62 @@ __device__ __forceinline__ void check_receive_order(const PeerView& v, uint64_t 
   }
 }
 
-// Receive kernels: wait until every rank's signal for this op (a [2][R] array indexed by parity, rank) has reached
-// `epoch`, before a __syncthreads. Threads i < 2R each load one word with the ticket -- both parities, since the
-// ticket is not known yet, and one acquire per thread, since an acquire holds back the thread's later loads until
-// it returns: the common case, a signal already raised, costs one round. The ranks kernels wait for are at most
-// kMaxPeers, so threads 2R.. (R <= 64: from 128 on) never wait here.
-__device__ __forceinline__ void wait_for_signals(const PeerView& v, const uint64_t* signals, uint64_t epoch, int phase) {
-  const int R = v.ll.num_ranks, i = threadIdx.x;
-  if (i >= 2 * R) return;
-  const uint64_t seen = ld_acquire_sys(signals + i);
-  if (static_cast<uint64_t>(i / R) == (epoch & 1) && seen < epoch) wait_flag_geq(v, signals + i, epoch, i % R, phase);
+// A send signals rank r by adding to r's counter for this rank: kOpUnit per op in all. Every block of an op adds its
+// share -- block 0's kOpUnit - (gridDim.x - 1), every other block's 1, so an op adds exactly kOpUnit whatever its grid
+// and no partial sum reaches the next multiple -- to the kernel's launch counter at its start: the op's epoch is the
+// number of whole ops before it, plus one, and no block has to be the last to publish it. When every rank is on this
+// GPU, each block also adds its share to every rank's counter once its stores are done, with a GPU-scope release
+// (those ranks' threads run on this device, whichever process launched them). Otherwise the last block to finish adds
+// kOpUnit with a system-scope release, which is cumulative over the blocks it counted: one in every block waited for
+// that block's stores to drain across NVLink.
+// Measured on the H200 (medians; benchmarks/results/2026-11-30_h200x2_session16.json). One GPU, the session's runs of
+// each (R=2: 9 of the previous scheme, 6 of this; R=8: 5 and 2): spans from send start to receive end at R=2
+// 24.0-25.5 -> 22.2-22.5 us (dispatch) and 27.9-29.5 -> 25.8-27.0 (combine), at R=8 52.4-53.7 -> 51.7-52.0 and
+// 107.0-108.4 -> 104.4-104.6. There the last block of every send signalled, an atomic round after the others, and
+// released at system scope after the send's end stamp: the stamp left that out, the gap before the receive did not.
+// Two GPUs (R=2): spans unchanged (20.3-20.5 / 35.0-35.1 us); blocks signalling their own GPU's ranks before the last
+// block signals the other's (a fence, a barrier and a release more on its way) made them 0.8-1.0 us longer.
+constexpr uint64_t kOpUnit = 1ull << 20;  // more than any grid (the launchers check)
+
+__device__ __forceinline__ uint64_t op_share() { return blockIdx.x == 0 ? kOpUnit - (gridDim.x - 1) : 1ull; }
+
+// This op's epoch, taken by one thread of every block (one atomic round, in place of a load of the epoch).
+__device__ __forceinline__ uint64_t take_op_epoch(uint64_t* launches) {
+  return atomicAdd(reinterpret_cast<unsigned long long*>(launches), static_cast<unsigned long long>(op_share())) /
+             kOpUnit + 1;
+}
+
+// A send block done with its stores signals as above (threads r < R, rank r): first a fence in every thread (a fence
+// waits for its own thread's stores) and a barrier. Then it stamps the op's timeline (latest arrival, latest signal)
+// and, in block 0, writes the ticket.
+__device__ void finish_send_block(const PeerView& v, uint32_t* ticket, int kernel, size_t signal_offset,
+                                  uint64_t epoch, uint64_t arrived) {
+  const int R = v.ll.num_ranks, r = threadIdx.x;
+  const unsigned long long every_rank = R >= 64 ? ~0ull : (1ull << R) - 1;
+  if ((v.same_gpu & every_rank) == every_rank) {
+    fence_acq_rel_gpu();
+    __syncthreads();
+    if (r < R) red_release_gpu_add(field<uint64_t>(v.peers[r], signal_offset) + v.rank, op_share());
+  } else if (last_block_to_finish(field<unsigned>(v.local, v.ll.counters) + kernel)) {
+    if (r < R) red_release_sys_add(field<uint64_t>(v.peers[r], signal_offset) + v.rank, kOpUnit);
+  }
+  if (threadIdx.x == 0) {
+    stamp_send_end(v, kernel, epoch, arrived);
+    if (blockIdx.x == 0) {
+      ticket[0] = static_cast<uint32_t>(epoch);
+      ticket[1] = static_cast<uint32_t>(epoch >> 32);
+    }
+  }
+}
+
+// Receive kernels: wait until every rank's counter for this rank has reached epoch * kOpUnit, before a
+// __syncthreads. Threads r < R each load one word (one acquire: the common case, a signal already raised, costs one
+// round). The ranks kernels wait for are at most kMaxPeers, so threads from kMaxPeers on never wait here.
+__device__ __forceinline__ void wait_for_signals(const PeerView& v, const uint64_t* counters, uint64_t epoch, int phase) {
+  const int r = threadIdx.x;
+  if (r >= v.ll.num_ranks) return;
+  const uint64_t target = epoch * kOpUnit;
+  if (ld_acquire_sys(counters + r) < target) wait_flag_geq(v, counters + r, target, r, phase);
 }
 
 // -- dispatch ---------------------------------------------------------------------------------------------
@@ -363,7 +422,7 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_se
   extern __shared__ int4 token_rows[];  // [tokens_per_pass][H / 8]: the pass's bf16 rows
   __shared__ TokenDests dests[kSendTokensPerPass];
   const LowLatencyLayout& l = v.ll;
-  const int R = l.num_ranks, E = l.num_experts, K = l.num_topk, H = l.hidden, T = a.num_tokens, me = v.rank;
+  const int R = l.num_ranks, E = l.num_experts, K = l.num_topk, H = l.hidden, T = a.num_tokens;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, P = tokens_per_pass, row_vecs = H / 8;
   // Where the grid budget has room (R=2), a token's row is split over row_parts blocks (pieces [j_lo, j_hi), whole
   // 128-channel groups); part 0 also writes the header and the presence bits.
@@ -395,10 +454,13 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_se
   // are one round) while warps < P find their tokens' destinations: until then a rank may still read its area for
   // this rank, or this rank's area for itself (owners on this GPU), of parity n & 1; nothing is written before that
   // check.
-  const uint64_t epoch = ld_peer_written(field<uint64_t>(v.local, l.dispatch_epoch)) + 1;
+  __shared__ uint64_t s_epoch;
+  if (threadIdx.x == 0) s_epoch = take_op_epoch(field<uint64_t>(v.local, l.dispatch_epoch));
   DoneSeen seen;
   if (warp == kWarps - 1 && lane < R) seen = load_done_flags(v, l.dispatch_done, lane);
   trap_if_closed(v, kLivenessChecker);  // after the loads above: its branch holds its warp's later loads back
+  __syncthreads();
+  const uint64_t epoch = s_epoch;
   const size_t parity = epoch & 1, bits_copy = epoch % kLowLatencyBitsCopies;
   if (warp == kWarps - 1) {
     for (int r = lane; r < R; r += 32) {
@@ -491,17 +553,7 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_se
     stamp_start(v, kDispatchSendKernel, epoch, entry_ns);
   }
 
-  const uint64_t arrived = global_timer_ns();
-  if (last_block_to_finish(field<unsigned>(v.local, l.counters) + kDispatchSendKernel)) {
-    stamp_end(v, kDispatchSendKernel, epoch);
-    stamp_mid(v, kDispatchSendKernel, epoch, arrived);
-    if (threadIdx.x < R) st_release_sys(field<uint64_t>(v.peers[threadIdx.x], l.dispatch_signal) + parity * R + me, epoch);
-    if (threadIdx.x == 0) {
-      *field<uint64_t>(v.local, l.dispatch_epoch) = epoch;
-      a.ticket[0] = static_cast<uint32_t>(epoch);
-      a.ticket[1] = static_cast<uint32_t>(epoch >> 32);
-    }
-  }
+  finish_send_block(v, a.ticket, kDispatchSendKernel, l.dispatch_signal, epoch, global_timer_ns());
 }
 
 // The first k whose id in a staged row's header {t, ids[K]} is `expert` (-1 if none), from the header's 16-byte units
@@ -649,6 +701,7 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_re
   if (last_block_to_finish(field<unsigned>(v.local, l.counters) + kDispatchRecvKernel)) {
     stamp_end(v, kDispatchRecvKernel, epoch);
     add_wait_time(v, 0, kDispatchRecvKernel, epoch);
+    add_send_time(v, kDispatchSendKernel, epoch);
     if (threadIdx.x < R) st_release_sys(field<uint64_t>(v.peers[threadIdx.x], l.dispatch_done) + v.rank, epoch);
   }
 }
@@ -689,10 +742,13 @@ __global__ void __launch_bounds__(kThreads) ll_combine_send_kernel(PeerView v, L
   const int waiter = static_cast<int>(threadIdx.x) - (kThreads - R);
   CombineUnit u;
   if (static_cast<int>(blockIdx.x) < pairs * splits) u = combine_unit(v, a, blockIdx.x, splits);
-  const uint64_t epoch = ld_peer_written(field<uint64_t>(v.local, l.combine_epoch)) + 1;
+  __shared__ uint64_t s_epoch;
+  if (threadIdx.x == 0) s_epoch = take_op_epoch(field<uint64_t>(v.local, l.combine_epoch));
   DoneSeen seen;
   if (waiter >= 0) seen = load_done_flags(v, l.combine_done, waiter);
   trap_if_closed(v, kLivenessChecker);  // after the loads above: its branch holds its warp's later loads back
+  __syncthreads();
+  const uint64_t epoch = s_epoch;
   const size_t parity = epoch & 1;
   if (waiter >= 0) wait_staging_free(v, l.combine_done, epoch, waiter, kPhaseLowLatencyCombineSend, seen.own, seen.dest);
   __syncthreads();
@@ -713,19 +769,7 @@ __global__ void __launch_bounds__(kThreads) ll_combine_send_kernel(PeerView v, L
     warp_store_chunk(dst, row_bytes, chunk, v4);
   }
   }
-  const uint64_t arrived = global_timer_ns();
-  if (last_block_to_finish(field<unsigned>(v.local, l.counters) + kCombineSendKernel)) {
-    stamp_end(v, kCombineSendKernel, epoch);
-    stamp_mid(v, kCombineSendKernel, epoch, arrived);
-    if (threadIdx.x < R) {
-      st_release_sys(field<uint64_t>(v.peers[threadIdx.x], l.combine_signal) + parity * R + v.rank, epoch);
-    }
-    if (threadIdx.x == 0) {
-      *field<uint64_t>(v.local, l.combine_epoch) = epoch;
-      a.ticket[0] = static_cast<uint32_t>(epoch);
-      a.ticket[1] = static_cast<uint32_t>(epoch >> 32);
-    }
-  }
+  finish_send_block(v, a.ticket, kCombineSendKernel, l.combine_signal, epoch, global_timer_ns());
 }
 
 // Where the answer to (token t, expert id) is, for a token of this rank: the owner's staged slot [t][first k],
@@ -855,6 +899,7 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_combine_rec
   if (last_block_to_finish(field<unsigned>(v.local, l.counters) + kCombineRecvKernel)) {
     stamp_end(v, kCombineRecvKernel, epoch);
     add_wait_time(v, 1, kCombineRecvKernel, epoch);
+    add_send_time(v, kCombineSendKernel, epoch);
     if (threadIdx.x < R) st_release_sys(field<uint64_t>(v.peers[threadIdx.x], l.combine_done) + v.rank, epoch);
   }
 }
@@ -915,10 +960,10 @@ LowLatencyLayout make_low_latency_layout(size_t base, int num_ranks, int num_exp
   l.combine_epoch = take(8);
   l.counters = take(16);
   l.timing = take(8 * kLowLatencyTimingWords);
-  l.dispatch_signal = take(8 * 2 * R);
+  l.dispatch_signal = take(8 * R);
   l.dispatch_bits = take(4 * kLowLatencyBitsCopies * E_loc * R * static_cast<size_t>(low_latency_token_words(max_tokens)));
   l.dispatch_done = take(8 * R);
-  l.combine_signal = take(8 * 2 * R);
+  l.combine_signal = take(8 * R);
   l.combine_done = take(8 * R);
   l.dispatch_stage = take(2 * R * T * static_cast<size_t>(l.row_stride));
   l.combine_stage = take(2 * T * K * 2 * H);
@@ -943,6 +988,7 @@ cudaError_t launch_low_latency_dispatch_send(const PeerView& view, const LowLate
     JAX_EP_CUDA_RETURN_IF_ERROR(
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
+  if (static_cast<uint64_t>(grid) >= kOpUnit) return cudaErrorInvalidConfiguration;  // the blocks' shares must fit an op
   kernel<<<grid, kThreads, smem, stream>>>(view, args, tokens_per_pass, row_parts);
   return cudaGetLastError();
 }
@@ -960,7 +1006,9 @@ cudaError_t launch_low_latency_combine_send(const PeerView& view, const LowLaten
   // kCombineSendSplits blocks: at R=2 one block per pair left each block four dependent load rounds.
   const int pairs = view.ll.local_experts() * (view.ll.num_ranks - 1);
   const int splits = parts_within(num_blocks, pairs, kCombineSendSplits);
-  ll_combine_send_kernel<<<capped_grid(pairs * splits, receive_grid(num_blocks)), kThreads, 0, stream>>>(view, args);
+  const int grid = capped_grid(pairs * splits, receive_grid(num_blocks));
+  if (static_cast<uint64_t>(grid) >= kOpUnit) return cudaErrorInvalidConfiguration;  // the blocks' shares must fit an op
+  ll_combine_send_kernel<<<grid, kThreads, 0, stream>>>(view, args);
   return cudaGetLastError();
 }
 

@@ -33,18 +33,18 @@ struct LowLatencyLayout {
   int hidden = 0;           // H
   int row_stride = 0;       // bytes of one staged dispatch row: header (low_latency_header_bytes) + the widest payload (bf16)
   // Absolute byte offsets inside the rank's block (the area starts after the intranode one).
-  size_t dispatch_epoch = 0;   // u64: dispatch sends started (local)
-  size_t combine_epoch = 0;    // u64: combine sends started (local)
-  size_t counters = 0;         // u32[4]: last-block detection per kernel (local)
+  size_t dispatch_epoch = 0;   // u64: dispatch sends' launch counter, kOpUnit per op (local)
+  size_t combine_epoch = 0;    // u64: combine sends' launch counter, kOpUnit per op (local)
+  size_t counters = 0;         // u32[4]: last-block detection per kernel (the sends': ranks on other GPUs) (local)
   size_t timing = 0;           // u64[4] start stamps, u64[4][2] {sum of ns, launches} per kernel, then for the two
                                // receive kernels u64[2] latest wait end and u64[2][2] {sum of ns waited, launches},
                                // then the timeline: u64[kLowLatencyTimelineSlots][4][4] {start, latest block start, mid,
                                // end} of each kernel at op epoch % kLowLatencyTimelineSlots (mid: a receive's wait end,
                                // a send's last block reaching the finish)
-  size_t dispatch_signal = 0;  // u64[2][R]: epoch at which source rank s finished writing its rows to me
+  size_t dispatch_signal = 0;  // u64[R]: source rank s's send blocks done writing to me, kOpUnit per op
   size_t dispatch_bits = 0;    // u32[4][E_loc][R][W]: bit t set when source s staged token t for local expert e
   size_t dispatch_done = 0;    // u64[R]: last dispatch epoch rank s finished receiving (s's staging is free)
-  size_t combine_signal = 0;   // u64[2][R]: epoch at which owner r finished writing my combine rows
+  size_t combine_signal = 0;   // u64[R]: owner r's send blocks done writing my combine rows, kOpUnit per op
   size_t combine_done = 0;     // u64[R]: last combine epoch rank s finished receiving
   size_t dispatch_stage = 0;   // u8[2][R][T_max][row_stride]: source s's token t at slot t (one row for all its experts here)
   size_t combine_stage = 0;    // u8[2][T_max][K][H] bf16

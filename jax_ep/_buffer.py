@@ -168,7 +168,7 @@ class Buffer:
             stride = ((4 * (1 + K) + 15) // 16 * 16 + 2 * H + 15) // 16 * 16  # header {t, ids[K]}, bf16 payload
             # timing: kLowLatencyTimingWords = 18 + 32 * 4 * 4 u64 (cuda/low_latency_layout.cuh)
             # dispatch presence bits: u32[4][E_loc][R][ceil(T_max / 32)]
-            sizes += [8, 8, 16, 8 * (18 + 32 * 4 * 4), 8 * 2 * R, 4 * 4 * E * ((T + 31) // 32), 8 * R, 8 * 2 * R, 8 * R,
+            sizes += [8, 8, 16, 8 * (18 + 32 * 4 * 4), 8 * R, 4 * 4 * E * ((T + 31) // 32), 8 * R, 8 * R, 8 * R,
                       2 * R * T * stride, 2 * T * K * 2 * H]
         return int(sum(area(n) for n in sizes))
 
