@@ -386,3 +386,16 @@ def test_low_latency_timeline_words():
     assert tl["dispatch_recv"] == [(100, 110, 120, 200), (500, 510, 520, 600)]
     assert tl["combine_send"] == [(300, 300, 310, 400)]
     assert tl["dispatch_send"] == [] and tl["combine_recv"] == []
+
+
+def test_low_latency_send_overlap_bins():
+    """ll_overlap.py: a rank's send is charged the time another rank spent in a send, or in a receive after its wait
+    (its copy); the receive's wait and the rank's own kernels are not counted, nor each call's first round."""
+    import ll_overlap
+    first = {"combine_send": [0, 0, 0, 1]}
+    rank0 = [first, {"combine_send": [100, 100, 108, 110], "combine_recv": [112, 112, 115, 120]}]
+    rank1 = [first, {"dispatch_recv": [90, 90, 104, 106],       # copying 104-106: 2 us of rank 0's send
+                     "combine_send": [107, 107, 113, 115],      # 107-110: 3 us of rank 0's send
+                     "combine_recv": [116, 116, 121, 125]}]     # copying from 121: after rank 0's send
+    samples = sorted(ll_overlap.send_samples([rank0, rank1], "combine"))
+    assert samples == [(3.0, 8), (5.0, 10)]   # rank 1's send (rank 0's send ends at 110, its copy starts at 115); rank 0's

@@ -1,0 +1,77 @@
+"""How long a low-latency send takes against how long other ranks were copying during it, from the timelines that
+``bench_low_latency.py`` records (``last_call_timeline_us``: every rank's kernels on one clock when the ranks share a
+GPU). With several ranks on one H200 their copies share one HBM, so a send's time depends on what the others do
+meanwhile; this separates that from the send's own cost.
+
+    python benchmarks/ll_overlap.py benchmarks/results/<run dir or files>... [--send combine] [--bins 0,3,5,7,9]
+
+A rank's send in a round (its first instruction to its last signal) is binned by the microseconds of it during which
+another rank was in a send, or in a receive after its wait (the receive's copy); per bin: rounds, median send time,
+min and max. Each call's first round is left out (it waits for the last process to start the call).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import statistics
+
+
+def overlap(a, b):
+    return max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
+
+
+def send_samples(timeline, send):
+    """(busy us, send us) per rank and round: ``timeline`` is [rank][round]{kernel: [start, latest block start, mid,
+    end]} with mid a receive's wait end."""
+    samples = []
+    rounds = min(len(per_rank) for per_rank in timeline)
+    for i in range(1, rounds):
+        for me, per_rank in enumerate(timeline):
+            mine = per_rank[i].get(f"{send}_send")
+            if not mine:
+                continue
+            window, busy = (mine[0], mine[3]), 0.0
+            for other, theirs in enumerate(timeline):
+                if other == me:
+                    continue
+                ops = theirs[i]
+                for kernel in ("dispatch_send", "combine_send"):
+                    if ops.get(kernel):
+                        busy += overlap(window, (ops[kernel][0], ops[kernel][3]))
+                for kernel in ("dispatch_recv", "combine_recv"):
+                    if ops.get(kernel):
+                        busy += overlap(window, (ops[kernel][2], ops[kernel][3]))
+            samples.append((busy, mine[3] - mine[0]))
+    return samples
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("paths", nargs="+", help="bench_low_latency JSON files, or directories searched for them")
+    p.add_argument("--send", choices=("dispatch", "combine"), default="combine")
+    p.add_argument("--bins", default="0,3,5,7,9", help="bin edges in us (the last bin is open)")
+    args = p.parse_args(argv)
+    files = []
+    for path in args.paths:
+        files += sorted(glob.glob(os.path.join(path, "**", "bench_ll_*.json"), recursive=True)) if os.path.isdir(path) else [path]
+    samples = []
+    for f in files:
+        timeline = json.load(open(f)).get("results", {}).get("last_call_timeline_us")
+        if timeline and len(timeline) > 1:
+            samples += send_samples(timeline, args.send)
+    if not samples:
+        raise SystemExit("no multi-rank timelines in the given files")
+    edges = [float(x) for x in args.bins.split(",")] + [float("inf")]
+    print(f"{args.send} send, {len(samples)} rank-rounds from {len(files)} files")
+    for lo, hi in zip(edges, edges[1:]):
+        times = [t for busy, t in samples if lo <= busy < hi]
+        if times:
+            print(f"  others copying {lo:g}-{hi:g} us of it: {len(times):4d} rounds, median {statistics.median(times):.2f} us "
+                  f"(min {min(times):.2f}, max {max(times):.2f})")
+
+
+if __name__ == "__main__":
+    main()
