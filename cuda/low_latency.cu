@@ -7,7 +7,8 @@
 // owner on another GPU, at slot t of that owner's staging area for this source, and once for all the owners on this
 // GPU, at slot t of this rank's own area for itself, where they read it (the token index: a block needs no view of the
 // other tokens; one row serves all of an owner's experts the token named), and sets bit t of the owner's presence bits
-// for each (expert, me). Each block, once its stores are done, adds its share to one signal counter per rank.
+// for each (expert, me). Signals are counters: on one GPU each block adds its share to every rank's as its stores
+// finish; with a rank on another GPU the last block to finish adds the op's whole unit.
 // Dispatch receive: blocks stride over (local expert, source rank) pairs, wait for every source's signal, count
 // each source's rows off its presence bits, and copy the pair's rows in token order -- from the source's area for
 // itself when it is on this GPU, else from this rank's area for it -- to offset sum_{s' < s} count(s') of the

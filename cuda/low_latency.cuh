@@ -3,10 +3,10 @@
 //
 // Each op is two launches that never wait for each other's SMs: a send kernel that writes every token's row
 // straight into the staging area of each rank on another GPU owning one of its experts (once per rank) and once
-// into its own area for itself for the owners on its GPU, each block adding its share to one signal counter per rank
-// as its stores complete, and a receive kernel that waits for those counters and lays the rows out for the caller. Work placed
-// between the two runs while the transfer completes. The send kernel returns a ticket (the op's epoch)
-// that the receive kernel reads, so the pair needs no host-side state.
+// into its own area for itself for the owners on its GPU, and raises a signal counter per rank (each block its share
+// as its stores complete on one GPU, the last block otherwise), and a receive kernel that waits for those counters
+// and lays the rows out for the caller. Work placed between the two runs while the transfer completes. The send
+// kernel returns a ticket (the op's epoch) that the receive kernel reads, so the pair needs no host-side state.
 #pragma once
 
 #include <cuda_runtime_api.h>
