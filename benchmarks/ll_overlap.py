@@ -3,11 +3,13 @@
 GPU). With several ranks on one H200 their copies share one HBM, so a send's time depends on what the others do
 meanwhile; this separates that from the send's own cost.
 
-    python benchmarks/ll_overlap.py benchmarks/results/<run dir or files>... [--send combine] [--bins 0,3,5,7,9]
+    python benchmarks/ll_overlap.py <bench_ll JSON files or dirs>... [--send combine] [--by fraction] [--bins ...]
 
-A rank's send in a round (its first instruction to its last signal) is binned by the microseconds of it during which
-another rank was in a send, or in a receive after its wait (the receive's copy); per bin: rounds, median send time,
-min and max. Each call's first round is left out (it waits for the last process to start the call).
+A rank's send in a round (its first instruction to its end stamp: its last signal since 9fb575a, before that the last
+block's count) is binned by how long another rank was in a send, or in a receive after its wait (the receive's copy),
+during it: in microseconds, or as a fraction of the send (--by fraction; absolute bins favour long sends, which have
+more time to be overlapped). Per bin: rounds, median send time, min and max. Each call's first round is left out (it
+waits for the last process to start the call). A correlation: it does not by itself say what the send waits for.
 """
 
 from __future__ import annotations
@@ -52,7 +54,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("paths", nargs="+", help="bench_low_latency JSON files, or directories searched for them")
     p.add_argument("--send", choices=("dispatch", "combine"), default="combine")
-    p.add_argument("--bins", default="0,3,5,7,9", help="bin edges in us (the last bin is open)")
+    p.add_argument("--by", choices=("us", "fraction"), default="us", help="overlap in us, or as a fraction of the send")
+    p.add_argument("--bins", default=None, help="bin edges (the last bin is open); default 0,3,5,7,9 us or "
+                   "0,0.4,0.6,0.7,0.8,0.9")
     args = p.parse_args(argv)
     files = []
     for path in args.paths:
@@ -64,12 +68,14 @@ def main(argv=None):
             samples += send_samples(timeline, args.send)
     if not samples:
         raise SystemExit("no multi-rank timelines in the given files")
-    edges = [float(x) for x in args.bins.split(",")] + [float("inf")]
+    bins = args.bins or ("0,3,5,7,9" if args.by == "us" else "0,0.4,0.6,0.7,0.8,0.9")
+    edges = [float(x) for x in bins.split(",")] + [float("inf")]
+    unit = " us" if args.by == "us" else " of it"
     print(f"{args.send} send, {len(samples)} rank-rounds from {len(files)} files")
     for lo, hi in zip(edges, edges[1:]):
-        times = [t for busy, t in samples if lo <= busy < hi]
+        times = [t for busy, t in samples if lo <= (busy if args.by == "us" else busy / t) < hi]
         if times:
-            print(f"  others copying {lo:g}-{hi:g} us of it: {len(times):4d} rounds, median {statistics.median(times):.2f} us "
+            print(f"  others copying {lo:g}-{hi:g}{unit}: {len(times):4d} rounds, median {statistics.median(times):.2f} us "
                   f"(min {min(times):.2f}, max {max(times):.2f})")
 
 
