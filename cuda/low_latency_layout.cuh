@@ -40,7 +40,7 @@ struct LowLatencyLayout {
                                // receive kernels u64[2] latest wait end and u64[2][2] {sum of ns waited, launches},
                                // then the timeline: u64[kLowLatencyTimelineSlots][4][4] {start, latest block start, mid,
                                // end} of each kernel at op epoch % kLowLatencyTimelineSlots (mid: a receive's wait end,
-                               // a send's last block reaching the finish)
+                               // a send's latest block reaching the finish)
   size_t dispatch_signal = 0;  // u64[R]: source rank s's send blocks done writing to me, kOpUnit per op
   size_t dispatch_bits = 0;    // u32[4][E_loc][R][W]: bit t set when source s staged token t for local expert e
   size_t dispatch_done = 0;    // u64[R]: last dispatch epoch rank s finished receiving (s's staging is free)
