@@ -289,7 +289,7 @@ __device__ __forceinline__ void check_receive_order(const PeerView& v, uint64_t 
 // kOpUnit with a system-scope release, which is cumulative over the blocks it counted: one in every block waited for
 // that block's stores to drain across NVLink.
 // Measured on the H200 (medians; benchmarks/results/2026-11-30_h200x2_session16.json). One GPU, the session's runs of
-// each (R=2: 9 of the previous scheme, 6 of this; R=8: 7 and 6): spans from send start to receive end at R=2
+// each (R=2: 9 of the previous scheme, 8 of this; R=8: 7 and 7): spans from send start to receive end at R=2
 // 24.0-25.5 -> 22.2-22.5 us (dispatch) and 27.9-29.5 -> 25.8-27.0 (combine), at R=8 52.4-53.7 -> 51.7-52.8 and
 // 107.0-108.4 -> 104.4-106.2. There the last block of every send signalled, an atomic round after the others, and
 // released at system scope after the send's end stamp: the stamp left that out, the gap before the receive did not.
