@@ -1,15 +1,16 @@
 """How long a low-latency send takes against how long other ranks were copying during it, from the timelines that
 ``bench_low_latency.py`` records (``last_call_timeline_us``: every rank's kernels on one clock when the ranks share a
-GPU). With several ranks on one H200 their copies share one HBM, so a send's time depends on what the others do
-meanwhile; this separates that from the send's own cost.
+GPU). With several ranks on one H200 their copies share one HBM; this shows how a send's time goes with what the others
+were doing meanwhile.
 
-    python benchmarks/ll_overlap.py <bench_ll JSON files or dirs>... [--send combine] [--by fraction] [--bins ...]
+    python benchmarks/ll_overlap.py <bench_ll JSON files or dirs>... [--send combine] [--by fraction] [--ranks 2]
 
 A rank's send in a round (its first instruction to its end stamp: its last signal since 9fb575a, before that the last
 block's count) is binned by how long another rank was in a send, or in a receive after its wait (the receive's copy),
 during it: in microseconds, or as a fraction of the send (--by fraction; absolute bins favour long sends, which have
 more time to be overlapped). Per bin: rounds, median send time, min and max. Each call's first round is left out (it
-waits for the last process to start the call). A correlation: it does not by itself say what the send waits for.
+waits for the last process to start the call). Only runs with every rank on one GPU count: there the ranks share the
+HBM and the clock. A correlation: it does not by itself say what the send waits for.
 """
 
 from __future__ import annotations
@@ -55,25 +56,32 @@ def main(argv=None):
     p.add_argument("paths", nargs="+", help="bench_low_latency JSON files, or directories searched for them")
     p.add_argument("--send", choices=("dispatch", "combine"), default="combine")
     p.add_argument("--by", choices=("us", "fraction"), default="us", help="overlap in us, or as a fraction of the send")
+    p.add_argument("--ranks", type=int, default=None, help="only runs with this many ranks")
     p.add_argument("--bins", default=None, help="bin edges (the last bin is open); default 0,3,5,7,9 us or "
                    "0,0.4,0.6,0.7,0.8,0.9")
     args = p.parse_args(argv)
     files = []
     for path in args.paths:
+        if not os.path.exists(path):
+            raise SystemExit(f"{path}: no such file or directory")
         files += sorted(glob.glob(os.path.join(path, "**", "bench_ll_*.json"), recursive=True)) if os.path.isdir(path) else [path]
-    samples = []
+    samples, used = [], 0
     for f in files:
-        timeline = json.load(open(f)).get("results", {}).get("last_call_timeline_us")
+        run = json.load(open(f))
+        config, timeline = run.get("config", {}), run.get("results", {}).get("last_call_timeline_us")
+        if config.get("physical_gpus", 1) != 1 or (args.ranks and config.get("ranks") != args.ranks):
+            continue
         if timeline and len(timeline) > 1:
             samples += send_samples(timeline, args.send)
+            used += 1
     if not samples:
-        raise SystemExit("no multi-rank timelines in the given files")
+        raise SystemExit("no multi-rank timelines of ranks sharing one GPU in the given files")
     bins = args.bins or ("0,3,5,7,9" if args.by == "us" else "0,0.4,0.6,0.7,0.8,0.9")
     edges = [float(x) for x in bins.split(",")] + [float("inf")]
     unit = " us" if args.by == "us" else " of it"
-    print(f"{args.send} send, {len(samples)} rank-rounds from {len(files)} files")
+    print(f"{args.send} send, {len(samples)} rank-rounds from {used} of {len(files)} files")
     for lo, hi in zip(edges, edges[1:]):
-        times = [t for busy, t in samples if lo <= (busy if args.by == "us" else busy / t) < hi]
+        times = [t for busy, t in samples if lo <= (busy if args.by == "us" else busy / max(t, 1e-9)) < hi]
         if times:
             print(f"  others copying {lo:g}-{hi:g}{unit}: {len(times):4d} rounds, median {statistics.median(times):.2f} us "
                   f"(min {min(times):.2f}, max {max(times):.2f})")
