@@ -59,7 +59,7 @@ buf = jax_ep.Buffer(mesh, num_experts=E, hidden=H, max_tokens_per_rank=T, num_to
                     backend="reference" if DRY else "cuda")
 gx, gi, gw = (global_array(mesh, a) for a in (x.astype(jnp.bfloat16), idx, w))
 gy = global_array(mesh, np.zeros((R * E_loc, S, H), jnp.bfloat16))   # expert outputs (values do not matter)
-mm_n = 2048
+mm_n = 256 if DRY else 2048   # ~40 us per GEMM for a rank of R=2 on an H200
 gm = global_array(mesh, rng.standard_normal((R * mm_n, mm_n)).astype(np.float32).astype(jnp.bfloat16))
 
 
@@ -96,6 +96,28 @@ def combine_once(x, i, w, y):   # dispatch outside the timed op would need its h
     return jax_ep.low_latency_combine(buf, y, i, w, out.handle)[:1]
 
 
+def between(pending, fn, operand):
+    """``fn(operand)`` placed between a send and its receive: the barriers make the operand wait for the send and the
+    receive wait for the result (XLA orders custom calls only by data)."""
+    pending, operand = jax.lax.optimization_barrier((pending, operand))
+    result = fn(operand)
+    pending, result = jax.lax.optimization_barrier((pending, result))
+    return pending, result
+
+
+def hooked_rounds_of(n):
+    def hooked_rounds(x, i, w, y, m):   # DeepEP's protocol (return_recv_hook): send, a GEMM, then the receive
+        acc = i[0, 0] * 0
+        for _ in range(n):
+            pend, mm = between(jax_ep.low_latency_dispatch_send(buf, x, i), lambda a: jnp.dot(a, a), m)
+            out = jax_ep.low_latency_dispatch_recv(buf, pend)
+            pend, mm2 = between(jax_ep.low_latency_combine_send(buf, y, out.handle), lambda a: jnp.dot(a, a), m)
+            z = jax_ep.low_latency_combine_recv(buf, pend, i, w)
+            acc = acc + out.count[0] + z[0, 0].astype(jnp.int32) + (mm[0, 0] + mm2[0, 0]).astype(jnp.int32)
+        return acc[None]
+    return hooked_rounds
+
+
 def overlapped(x, i, m):
     pend = jax_ep.low_latency_dispatch_send(buf, x, i)
     mm = jnp.dot(m, m)
@@ -116,17 +138,18 @@ def matmul_only(m):
 results = {}
 
 
-def local_kernel_times(fn, rounds_per_call=0):
-    """This rank's device-side seconds per launch of each kernel over ``repeats`` calls of ``fn``, and, when
-    ``rounds_per_call`` is given, every call's timeline of its rounds ({kernel: [(start, last block start,
-    mid, end), ...]} per call, read after each call)."""
-    f = smap(fn, 4)
-    jax.block_until_ready(f(gx, gi, gw, gy))
+def local_kernel_times(fn, rounds_per_call=0, inputs=None):
+    """This rank's device-side seconds per launch of each kernel over ``repeats`` calls of ``fn`` (on ``inputs``,
+    by default x, ids, weights, y), and, when ``rounds_per_call`` is given, every call's timeline of its rounds
+    ({kernel: [(start, last block start, mid, end), ...]} per call, read after each call)."""
+    inputs = inputs or (gx, gi, gw, gy)
+    f = smap(fn, len(inputs))
+    jax.block_until_ready(f(*inputs))
     rt = runtime.ensure(buf)
     rt.low_latency_kernel_times(reset=True)
     calls = []
     for _ in range(args.repeats):
-        jax.block_until_ready(f(gx, gi, gw, gy))
+        jax.block_until_ready(f(*inputs))
         if rounds_per_call:
             calls.append({k: ops[-rounds_per_call:] for k, ops in rt.low_latency_timeline().items()})
     return rt.low_latency_kernel_times(), calls
@@ -175,6 +198,17 @@ if not DRY:
 else:
     kernel = kernel_times(rounds_unrolled_of(n), "u")
 results["kernel_s"] = kernel
+if not DRY:
+    # The same rounds with a GEMM between each send and its receive, as DeepEP's low-latency test times its send and
+    # receive kernels: each receive finds its transfer done, and a send overlaps the other ranks' sends and GEMMs
+    # rather than their receives' copies.
+    _, hooked_calls = local_kernel_times(hooked_rounds_of(n), rounds_per_call=window, inputs=(gx, gi, gw, gy, gm))
+    hooked_median, hooked_p90 = round_statistics(hooked_calls, skip_first=window == n)
+    results["hooked_kernel_s"] = {name: gather(f"hm_{name}", sec, rank, R) for name, sec in hooked_median.items()}
+    results["hooked_kernel_p90_s"] = {name: gather(f"hp_{name}", sec, rank, R) for name, sec in hooked_p90.items()}
+    results["hooked_last_call_timeline_us"] = timeline_of_last_call(window)
+else:
+    jax.block_until_ready(smap(hooked_rounds_of(n), 5)(gx, gi, gw, gy, gm))
 results["kernel_fori_loop_s"] = kernel_times(rounds, "f")
 t_dispatch_jit = gather("dispatch_jit", timed(smap(dispatch_once, 2), gx, gi, repeats=args.repeats), rank, R)
 t_both_jit = gather("both_jit", timed(smap(combine_once, 4), gx, gi, gw, gy, repeats=args.repeats), rank, R)
@@ -215,6 +249,9 @@ if kernel and all(v is not None for v in kernel.values()):
         return dict(dispatch=op_time(k, "dispatch") * 1e6, combine=op_time(k, "combine") * 1e6,
                     dispatch_recv_wait=k["dispatch_recv_wait"] * 1e6, combine_recv_wait=k["combine_recv_wait"] * 1e6)
     summary["latency_p90_us"] = op_us(results["kernel_p90_s"])
+    hooked = results.get("hooked_kernel_s")
+    if hooked and all(v is not None for v in hooked.values()):   # each phase's kernel time; the spans hold the GEMMs
+        summary["latency_hooked_us"] = {k: v * 1e6 for k, v in hooked.items() if not k.endswith("_span")}
     summary["latency_steady_mean_us"] = op_us(results["kernel_steady_mean_s"])
     summary["latency_plain_us"] = op_us(results["kernel_plain_s"])
     summary["latency_fori_loop_us"] = op_us(results["kernel_fori_loop_s"])

@@ -256,6 +256,22 @@ def test_bench_normal_profile_dry_run(tmp_path, monkeypatch):
         assert len(per_rank) == 2 and all("_span_us_per_op" in k for k in per_rank)
 
 
+def test_bench_low_latency_dry_run(tmp_path, monkeypatch):
+    """bench_low_latency.py in the launcher harness (CPU rehearsal, reference backend): every section's rounds trace
+    and run, the hooked ones (a GEMM between each send and its receive) included, and rank 0 writes the JSON."""
+    from jax_ep.launch import launch
+    out = tmp_path / "ll.json"
+    monkeypatch.setenv("JAX_EP_DRYRUN", "1")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    cmd = [sys.executable, os.path.join(BENCH_DIR, "bench_low_latency.py"), "--tokens", "8", "--hidden", "256",
+           "--experts", "16", "--loop", "2", "--repeats", "1", "--out", str(out)]
+    assert launch(2, cmd, timeout=240, gpus=["0", "1"]) == 0
+    run = json.load(open(out))
+    assert run["config"]["ranks"] == 2 and run["floor_bytes"]["combine"] > 0
+    assert set(run["results"]["overlap_s"]) == {"overlapped", "serial", "dispatch_alone", "matmul_alone"}
+
+
 def test_internode_model_counts():
     """The internode byte model: a token crosses the network at most once per remote node, and never more
     often than the group limit allows."""
