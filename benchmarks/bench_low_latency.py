@@ -17,6 +17,11 @@ Per rank, worst rank reported (max over ranks):
 - jit: median wall time of one jitted call of one op, blocking on each (latency, host dispatch included);
 - jit_pipelined: per call, of back-to-back calls dispatched without blocking (host dispatch overlapped).
 - overlap: send, an independent matmul, recv -- against send, recv, matmul (same work, serial).
+- hooked: the straight-line rounds with a GEMM between each send and its receive (DeepEP's low-latency test times
+  its kernels so, with return_recv_hook): per-kernel medians (``hooked_kernel_s``) and the last call's timeline.
+- one sender (R=2): the straight-line rounds with a routing in which only rank 1 has combine answers to send, as
+  many as a rank sends in the standard routing: its send while the other rank waits instead of copying through the
+  shared HBM (``one_sender_kernel_s``, per rank).
 Bytes follow DeepEP's low-latency convention: per valid (token, expert) selection, H + H/128*4 + 16 bytes
 (fp8 dispatch) or 2H (bf16 combine). The HBM floor is what the kernels must read and write, summed over
 ranks (listed in ``floor_bytes``), over the HBM copy bandwidth B measured in the same run.
@@ -61,6 +66,19 @@ gx, gi, gw = (global_array(mesh, a) for a in (x.astype(jnp.bfloat16), idx, w))
 gy = global_array(mesh, np.zeros((R * E_loc, S, H), jnp.bfloat16))   # expert outputs (values do not matter)
 mm_n = 256 if DRY else 2048   # ~40 us per GEMM for a rank of R=2 on an H200
 gm = global_array(mesh, rng.standard_normal((R * mm_n, mm_n)).astype(np.float32).astype(jnp.bfloat16))
+
+
+def one_sender_ids():
+    """R=2 routing in which only rank 1 has answers to send back: rank 0's tokens pick K/2 experts of rank 1 and K/2 of
+    its own, rank 1's tokens only its own. Rank 1's combine send then moves as many rows as a rank's does in the
+    standard routing (T x K/2, the same share masked), while rank 0's send has none and its receive waits: the send
+    with no other rank copying through the shared HBM."""
+    g = np.random.default_rng(1)
+    pick = lambda owner, n: owner * E_loc + g.choice(E_loc, n, replace=False)
+    ids = np.stack([g.permutation(np.concatenate([pick(1, K - K // 2), pick(0, K // 2)])) for _ in range(T)] +
+                   [pick(1, K) for _ in range(T)]).astype(np.int32)
+    ids[g.random(ids.shape) < 0.02] = -1
+    return ids
 
 
 def smap(fn, n_in):
@@ -114,6 +132,9 @@ def hooked_rounds_of(n):
             pend, mm2 = between(jax_ep.low_latency_combine_send(buf, y, out.handle), lambda a: jnp.dot(a, a), m)
             z = jax_ep.low_latency_combine_recv(buf, pend, i, w)
             acc = acc + out.count[0] + z[0, 0].astype(jnp.int32) + (mm[0, 0] + mm2[0, 0]).astype(jnp.int32)
+            # The next round's sends after this round's receives: split phases are ordered by data only, and a
+            # third send ahead of its receives fails the call.
+            x, i, acc = jax.lax.optimization_barrier((x, i, acc))
         return acc[None]
     return hooked_rounds
 
@@ -163,12 +184,12 @@ def kernel_times(fn, tag):
     return {name: gather(f"k{tag}_{name}", sec, rank, R) for name, sec in local_kernel_times(fn)[0].items()}
 
 
-def timeline_of_last_call(n):
+def timeline_of_last_call(n, key="ll_timeline"):
     """Every rank's kernels in the last call's ``n`` rounds: per rank, per round, {kernel: [start, last block
     start, mid, end]} in us from the earliest start on any rank (one GPU: one clock; mid: a receive's wait
     end, a send's last block reaching the finish)."""
     mine = {k: ops[-n:] for k, ops in runtime.ensure(buf).low_latency_timeline().items()}
-    every = [json.loads(t) for t in exchange("ll_timeline", json.dumps(mine), rank, R)]
+    every = [json.loads(t) for t in exchange(key, json.dumps(mine), rank, R)]
     t0 = min(op[0] for st in every for ops in st.values() for op in ops)
     us = lambda t: round((t - t0) / 1e3, 2) if t else 0.0
     return [[{k: [us(a) for a in ops[r]] for k, ops in st.items() if r < len(ops)} for r in range(n)] for st in every]
@@ -206,9 +227,21 @@ if not DRY:
     hooked_median, hooked_p90 = round_statistics(hooked_calls, skip_first=window == n)
     results["hooked_kernel_s"] = {name: gather(f"hm_{name}", sec, rank, R) for name, sec in hooked_median.items()}
     results["hooked_kernel_p90_s"] = {name: gather(f"hp_{name}", sec, rank, R) for name, sec in hooked_p90.items()}
-    results["hooked_last_call_timeline_us"] = timeline_of_last_call(window)
+    results["hooked_last_call_timeline_us"] = timeline_of_last_call(window, key="ll_hooked_timeline")
 else:
     jax.block_until_ready(smap(hooked_rounds_of(n), 5)(gx, gi, gw, gy, gm))
+if R == 2 and E_loc >= K:
+    # The straight-line rounds again with only rank 1 sending combine answers (one_sender_ids): its send with the
+    # other rank waiting rather than copying. Per rank, not max over ranks: rank 0's send has nothing to send.
+    gi_one = global_array(mesh, one_sender_ids())
+    if not DRY:
+        _, one_calls = local_kernel_times(rounds_unrolled_of(n), rounds_per_call=window, inputs=(gx, gi_one, gw, gy))
+        one_median, _ = round_statistics(one_calls, skip_first=window == n)
+        results["one_sender_kernel_s"] = {name: [float(v) for v in exchange(f"om_{name}", repr(sec), rank, R)]
+                                          for name, sec in sorted(one_median.items())}
+        results["one_sender_last_call_timeline_us"] = timeline_of_last_call(window, key="ll_one_sender_timeline")
+    else:
+        jax.block_until_ready(smap(rounds_unrolled_of(n), 4)(gx, gi_one, gw, gy))
 results["kernel_fori_loop_s"] = kernel_times(rounds, "f")
 t_dispatch_jit = gather("dispatch_jit", timed(smap(dispatch_once, 2), gx, gi, repeats=args.repeats), rank, R)
 t_both_jit = gather("both_jit", timed(smap(combine_once, 4), gx, gi, gw, gy, repeats=args.repeats), rank, R)
@@ -252,6 +285,9 @@ if kernel and all(v is not None for v in kernel.values()):
     hooked = results.get("hooked_kernel_s")
     if hooked and all(v is not None for v in hooked.values()):   # each phase's kernel time; the spans hold the GEMMs
         summary["latency_hooked_us"] = {k: v * 1e6 for k, v in hooked.items() if not k.endswith("_span")}
+    if "one_sender_kernel_s" in results:   # per rank; rank 1 is the sender
+        summary["latency_one_sender_us"] = {k: [round(v * 1e6, 2) for v in per_rank]
+                                            for k, per_rank in results["one_sender_kernel_s"].items()}
     summary["latency_steady_mean_us"] = op_us(results["kernel_steady_mean_s"])
     summary["latency_plain_us"] = op_us(results["kernel_plain_s"])
     summary["latency_fori_loop_us"] = op_us(results["kernel_fori_loop_s"])

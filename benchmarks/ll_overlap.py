@@ -4,7 +4,7 @@ GPU). With several ranks on one H200 their copies share one HBM; this shows how 
 were doing meanwhile.
 
     python benchmarks/ll_overlap.py <bench_ll JSON files or dirs>... [--send combine] [--by fraction] [--ranks 2]
-        [--hooked]
+        [--rounds straight|hooked|one_sender]
 
 A rank's send in a round (its first instruction to its end stamp: its last signal since 9fb575a, before that the last
 block's count) is binned by how long another rank was in a send, or in a receive after its wait (the receive's copy),
@@ -58,8 +58,9 @@ def main(argv=None):
     p.add_argument("--send", choices=("dispatch", "combine"), default="combine")
     p.add_argument("--by", choices=("us", "fraction"), default="us", help="overlap in us, or as a fraction of the send")
     p.add_argument("--ranks", type=int, default=None, help="only runs with this many ranks")
-    p.add_argument("--hooked", action="store_true", help="the rounds with a GEMM between each send and its receive "
-                   "(hooked_last_call_timeline_us) instead of the straight-line ones")
+    p.add_argument("--rounds", choices=("straight", "hooked", "one_sender"), default="straight",
+                   help="which of the benchmark's rounds: straight-line, a GEMM between each send and its receive, "
+                   "or the R=2 routing in which only rank 1 sends combine answers")
     p.add_argument("--bins", default=None, help="bin edges (the last bin is open); default 0,3,5,7,9 us or "
                    "0,0.4,0.6,0.7,0.8,0.9")
     args = p.parse_args(argv)
@@ -71,7 +72,7 @@ def main(argv=None):
     samples, used = [], 0
     for f in files:
         run = json.load(open(f))
-        config, timeline = run.get("config", {}), run.get("results", {}).get(("hooked_" if args.hooked else "") + "last_call_timeline_us")
+        config, timeline = run.get("config", {}), run.get("results", {}).get(("" if args.rounds == "straight" else args.rounds + "_") + "last_call_timeline_us")
         if config.get("physical_gpus", 1) != 1 or (args.ranks and config.get("ranks") != args.ranks):
             continue
         if timeline and len(timeline) > 1:

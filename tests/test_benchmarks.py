@@ -415,3 +415,26 @@ def test_low_latency_send_overlap_bins():
                      "combine_recv": [116, 116, 121, 125]}]     # copying from 121: after rank 0's send
     samples = sorted(ll_overlap.send_samples([rank0, rank1], "combine"))
     assert samples == [(3.0, 8), (5.0, 10)]   # rank 1's send (rank 0's send ends at 110, its copy starts at 115); rank 0's
+
+
+def test_low_latency_overlap_picks_the_rounds(tmp_path, capsys):
+    """ll_overlap.py --rounds reads the timeline of the rounds asked for (straight-line, hooked or one-sender) and
+    skips runs whose ranks are on several GPUs."""
+    import ll_overlap
+    first = {"combine_send": [0, 0, 0, 1]}
+    def timeline(send_us):
+        return [[first, {"combine_send": [100, 100, 100, 100 + send_us]}],
+                [first, {"combine_send": [200, 200, 200, 201]}]]
+    run = {"config": {"ranks": 2, "physical_gpus": 1},
+           "results": {"last_call_timeline_us": timeline(12), "one_sender_last_call_timeline_us": timeline(9)}}
+    (tmp_path / "bench_ll_R2_E256.json").write_text(json.dumps(run))
+    two_gpus = dict(run, config={"ranks": 2, "physical_gpus": 2})
+    (tmp_path / "two").mkdir()
+    (tmp_path / "two" / "bench_ll_R2_E256.json").write_text(json.dumps(two_gpus))
+    ll_overlap.main([str(tmp_path), "--rounds", "one_sender"])
+    out = capsys.readouterr().out
+    assert "2 rank-rounds from 1 of 2 files" in out and "median 5.00 us (min 1.00, max 9.00)" in out
+    ll_overlap.main([str(tmp_path)])
+    assert "median 6.50 us (min 1.00, max 12.00)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        ll_overlap.main([str(tmp_path), "--rounds", "hooked"])   # no such timeline in these runs
