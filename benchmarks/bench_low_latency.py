@@ -64,7 +64,7 @@ buf = jax_ep.Buffer(mesh, num_experts=E, hidden=H, max_tokens_per_rank=T, num_to
                     backend="reference" if DRY else "cuda")
 gx, gi, gw = (global_array(mesh, a) for a in (x.astype(jnp.bfloat16), idx, w))
 gy = global_array(mesh, np.zeros((R * E_loc, S, H), jnp.bfloat16))   # expert outputs (values do not matter)
-mm_n = 256 if DRY else 2048   # ~40 us per GEMM for a rank of R=2 on an H200
+mm_n = 256 if DRY else 2048   # a rank's GEMM at R=2 on an H200: ~50 us between send and receive in the hooked rounds
 gm = global_array(mesh, rng.standard_normal((R * mm_n, mm_n)).astype(np.float32).astype(jnp.bfloat16))
 
 

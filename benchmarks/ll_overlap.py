@@ -72,7 +72,8 @@ def main(argv=None):
     samples, used = [], 0
     for f in files:
         run = json.load(open(f))
-        config, timeline = run.get("config", {}), run.get("results", {}).get(("" if args.rounds == "straight" else args.rounds + "_") + "last_call_timeline_us")
+        key = ("" if args.rounds == "straight" else args.rounds + "_") + "last_call_timeline_us"
+        config, timeline = run.get("config", {}), run.get("results", {}).get(key)
         if config.get("physical_gpus", 1) != 1 or (args.ranks and config.get("ranks") != args.ranks):
             continue
         if timeline and len(timeline) > 1:

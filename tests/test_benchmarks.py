@@ -258,7 +258,8 @@ def test_bench_normal_profile_dry_run(tmp_path, monkeypatch):
 
 def test_bench_low_latency_dry_run(tmp_path, monkeypatch):
     """bench_low_latency.py in the launcher harness (CPU rehearsal, reference backend): every section's rounds trace
-    and run, the hooked ones (a GEMM between each send and its receive) included, and rank 0 writes the JSON."""
+    and run, the hooked ones (a GEMM between each send and its receive) and the one-sender ones (R=2) included, and
+    rank 0 writes the JSON."""
     from jax_ep.launch import launch
     out = tmp_path / "ll.json"
     monkeypatch.setenv("JAX_EP_DRYRUN", "1")
