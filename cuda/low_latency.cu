@@ -312,7 +312,8 @@ __device__ __forceinline__ uint64_t take_op_epoch(uint64_t* launches) {
 __device__ void finish_send_block(const PeerView& v, uint32_t* ticket, int kernel, size_t signal_offset,
                                   uint64_t epoch, uint64_t arrived) {
   const int R = v.ll.num_ranks, r = threadIdx.x;
-  if (v.every_rank_on_this_gpu()) {
+  const unsigned long long every_rank = R >= 64 ? ~0ull : (1ull << R) - 1;
+  if ((v.same_gpu & every_rank) == every_rank) {
     fence_acq_rel_gpu();
     __syncthreads();
     if (r < R) red_release_gpu_add(field<uint64_t>(v.peers[r], signal_offset) + v.rank, op_share());
@@ -980,7 +981,8 @@ cudaError_t launch_low_latency_dispatch_send(const PeerView& view, const LowLate
   int tokens_per_pass = std::max(1, std::min(kSendTokensPerPass, ceil_div(T, grid / row_parts)));
   if (tokens_per_pass * 2 * static_cast<size_t>(view.ll.hidden) > kSendPassSmemCap) tokens_per_pass = 1;
   const size_t smem = static_cast<size_t>(tokens_per_pass) * 2 * view.ll.hidden;
-  const bool one_gpu = view.every_rank_on_this_gpu();
+  const int R = view.ll.num_ranks;
+  const bool one_gpu = view.same_gpu == (R >= 64 ? ~0ull : (1ull << R) - 1);  // every rank's memory on this GPU
   auto* kernel = row_parts > 1
       ? (one_gpu ? ll_dispatch_send_kernel<true, true> : ll_dispatch_send_kernel<true, false>)
       : (one_gpu ? ll_dispatch_send_kernel<false, true> : ll_dispatch_send_kernel<false, false>);
