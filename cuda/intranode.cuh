@@ -81,6 +81,13 @@ struct PeerView {
   // Bit r: rank r's memory is on this rank's GPU (this rank's own bit included). The low-latency dispatch reads those
   // ranks' rows from their areas for themselves (they share this GPU's memory) and writes its rows into the others'.
   unsigned long long same_gpu = 0;
+
+  // Whether every rank of the low-latency area is on this GPU: the launchers pick builds by it, the kernels how to
+  // signal.
+  __host__ __device__ bool every_rank_on_this_gpu() const {
+    const unsigned long long every_rank = ll.num_ranks >= 64 ? ~0ull : (1ull << ll.num_ranks) - 1;
+    return (same_gpu & every_rank) == every_rank;
+  }
 };
 
 // Wait phases, reported by timeouts.

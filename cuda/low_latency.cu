@@ -92,12 +92,13 @@ __device__ __forceinline__ uint64_t* timeline_entry(const PeerView& v, int kerne
 
 // Every block: block 0 stamps the kernel's start, every block raises the entry's latest block start (an older
 // op's value in the slot is always earlier, so no reset is needed). `now`: the block's first instruction (read
-// before any load; written once the epoch says where).
+// before any load; written once the epoch says where). Only a receive's last block reads the start word; a send's
+// time comes from its timeline entry (add_send_time).
 __device__ __forceinline__ void stamp_start(const PeerView& v, int kernel, uint64_t epoch, uint64_t now) {
   if (threadIdx.x != 0) return;
   uint64_t* entry = timeline_entry(v, kernel, epoch);
   if (blockIdx.x == 0) {
-    field<uint64_t>(v.local, v.ll.timing)[kernel] = now;
+    if (kernel == kDispatchRecvKernel || kernel == kCombineRecvKernel) field<uint64_t>(v.local, v.ll.timing)[kernel] = now;
     entry[0] = now;
   }
   atomicMax(reinterpret_cast<unsigned long long*>(entry + 1), static_cast<unsigned long long>(now));
@@ -312,8 +313,7 @@ __device__ __forceinline__ uint64_t take_op_epoch(uint64_t* launches) {
 __device__ void finish_send_block(const PeerView& v, uint32_t* ticket, int kernel, size_t signal_offset,
                                   uint64_t epoch, uint64_t arrived) {
   const int R = v.ll.num_ranks, r = threadIdx.x;
-  const unsigned long long every_rank = R >= 64 ? ~0ull : (1ull << R) - 1;
-  if ((v.same_gpu & every_rank) == every_rank) {
+  if (v.every_rank_on_this_gpu()) {
     fence_acq_rel_gpu();
     __syncthreads();
     if (r < R) red_release_gpu_add(field<uint64_t>(v.peers[r], signal_offset) + v.rank, op_share());
@@ -981,8 +981,7 @@ cudaError_t launch_low_latency_dispatch_send(const PeerView& view, const LowLate
   int tokens_per_pass = std::max(1, std::min(kSendTokensPerPass, ceil_div(T, grid / row_parts)));
   if (tokens_per_pass * 2 * static_cast<size_t>(view.ll.hidden) > kSendPassSmemCap) tokens_per_pass = 1;
   const size_t smem = static_cast<size_t>(tokens_per_pass) * 2 * view.ll.hidden;
-  const int R = view.ll.num_ranks;
-  const bool one_gpu = view.same_gpu == (R >= 64 ? ~0ull : (1ull << R) - 1);  // every rank's memory on this GPU
+  const bool one_gpu = view.every_rank_on_this_gpu();
   auto* kernel = row_parts > 1
       ? (one_gpu ? ll_dispatch_send_kernel<true, true> : ll_dispatch_send_kernel<true, false>)
       : (one_gpu ? ll_dispatch_send_kernel<false, true> : ll_dispatch_send_kernel<false, false>);

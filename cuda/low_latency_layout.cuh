@@ -36,8 +36,9 @@ struct LowLatencyLayout {
   size_t dispatch_epoch = 0;   // u64: dispatch sends' launch counter, kOpUnit per op (local)
   size_t combine_epoch = 0;    // u64: combine sends' launch counter, kOpUnit per op (local)
   size_t counters = 0;         // u32[4]: last-block detection per kernel (the sends': ranks on other GPUs) (local)
-  size_t timing = 0;           // u64[4] start stamps, u64[4][2] {sum of ns, launches} per kernel, then for the two
-                               // receive kernels u64[2] latest wait end and u64[2][2] {sum of ns waited, launches},
+  size_t timing = 0;           // u64[4] start stamps (only the receives' are written), u64[4][2] {sum of ns, launches}
+                               // per kernel, then for the two receive kernels u64[2] latest wait end and u64[2][2]
+                               // {sum of ns waited, launches},
                                // then the timeline: u64[kLowLatencyTimelineSlots][4][4] {start, latest block start, mid,
                                // end} of each kernel at op epoch % kLowLatencyTimelineSlots (mid: a receive's wait end,
                                // a send's latest block reaching the finish)
