@@ -309,14 +309,16 @@ __device__ __forceinline__ uint64_t take_op_epoch(uint64_t* launches) {
 
 // A send block done with its stores signals as above (threads r < R, rank r): first a fence in every thread (a fence
 // waits for its own thread's stores) and a barrier. Then it stamps the op's timeline (latest arrival, latest signal)
-// and, in block 0, writes the ticket.
+// and, in block 0, writes the ticket. Rank r's base pointer is loaded before the fence: its round trip then overlaps
+// the stores' drain instead of following the barrier.
 __device__ void finish_send_block(const PeerView& v, uint32_t* ticket, int kernel, size_t signal_offset,
                                   uint64_t epoch, uint64_t arrived) {
   const int R = v.ll.num_ranks, r = threadIdx.x;
   if (v.every_rank_on_this_gpu()) {
+    uint64_t* const signal = r < R ? field<uint64_t>(v.peers[r], signal_offset) + v.rank : nullptr;
     fence_acq_rel_gpu();
     __syncthreads();
-    if (r < R) red_release_gpu_add(field<uint64_t>(v.peers[r], signal_offset) + v.rank, op_share());
+    if (r < R) red_release_gpu_add(signal, op_share());
   } else if (last_block_to_finish(field<unsigned>(v.local, v.ll.counters) + kernel)) {
     if (r < R) red_release_sys_add(field<uint64_t>(v.peers[r], signal_offset) + v.rank, kOpUnit);
   }
