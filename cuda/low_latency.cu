@@ -331,6 +331,15 @@ __device__ void finish_send_block(const PeerView& v, uint32_t* ticket, int kerne
   }
 }
 
+// A receive's last block raises this rank's "done" flag at every peer: thread 32 + r at rank r, so warp 0's timing
+// bookkeeping (thread 0: dependent loads) runs beside it instead of ahead of it. Every block loads the flag's address
+// before the last-block count, whose fence its round trip then overlaps. Null for the other threads.
+static_assert(kThreads >= 32 + kMaxPeers, "a receive block raises the done flags from threads 32..32 + R");
+__device__ __forceinline__ uint64_t* done_flag_at_peer(const PeerView& v, size_t done_offset) {
+  const int r = static_cast<int>(threadIdx.x) - 32;
+  return r >= 0 && r < v.ll.num_ranks ? field<uint64_t>(v.peers[r], done_offset) + v.rank : nullptr;
+}
+
 // Receive kernels: wait until every rank's counter for this rank has reached epoch * kOpUnit, before a
 // __syncthreads. Threads r < R each load one word (one acquire: the common case, a signal already raised, costs one
 // round). The ranks kernels wait for are at most kMaxPeers, so threads from kMaxPeers on never wait here.
@@ -702,11 +711,12 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_re
   }
   __syncthreads();  // rows_from, pair_bits and slot_of_row are rewritten for the next pair
   }
+  uint64_t* const done = done_flag_at_peer(v, l.dispatch_done);
   if (last_block_to_finish(field<unsigned>(v.local, l.counters) + kDispatchRecvKernel)) {
+    if (done != nullptr) st_release_sys(done, epoch);
     stamp_end(v, kDispatchRecvKernel, epoch);
     add_wait_time(v, 0, kDispatchRecvKernel, epoch);
     add_send_time(v, kDispatchSendKernel, epoch);
-    if (threadIdx.x < R) st_release_sys(field<uint64_t>(v.peers[threadIdx.x], l.dispatch_done) + v.rank, epoch);
   }
 }
 
@@ -847,7 +857,7 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_combine_rec
   __shared__ float weight[32];
   const uint64_t entry_ns = global_timer_ns();
   const LowLatencyLayout& l = v.ll;
-  const int R = l.num_ranks, H = l.hidden, K = l.num_topk, E = l.num_experts;
+  const int H = l.hidden, K = l.num_topk, E = l.num_experts;
   const bool setup_warp = threadIdx.x >= kThreads - 32;
   TokenRoute route;
   // Item i: token i / column_parts, its columns part i % column_parts (a token's columns split over blocks where the
@@ -900,11 +910,12 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_combine_rec
     }
   }
   }
+  uint64_t* const done = done_flag_at_peer(v, l.combine_done);
   if (last_block_to_finish(field<unsigned>(v.local, l.counters) + kCombineRecvKernel)) {
+    if (done != nullptr) st_release_sys(done, epoch);
     stamp_end(v, kCombineRecvKernel, epoch);
     add_wait_time(v, 1, kCombineRecvKernel, epoch);
     add_send_time(v, kCombineSendKernel, epoch);
-    if (threadIdx.x < R) st_release_sys(field<uint64_t>(v.peers[threadIdx.x], l.combine_done) + v.rank, epoch);
   }
 }
 
