@@ -340,6 +340,19 @@ __device__ __forceinline__ uint64_t* done_flag_at_peer(const PeerView& v, size_t
   return r >= 0 && r < v.ll.num_ranks ? field<uint64_t>(v.peers[r], done_offset) + v.rank : nullptr;
 }
 
+// Every receive block's end: the last block raises the done flags (above), stamps the kernel's end and adds the
+// receive's, its wait's and its send's times to the sums (wait_index: dispatch 0, combine 1).
+__device__ __forceinline__ void finish_receive_block(const PeerView& v, int recv_kernel, int wait_index, int send_kernel,
+                                                     size_t done_offset, uint64_t epoch) {
+  uint64_t* const done = done_flag_at_peer(v, done_offset);
+  if (last_block_to_finish(field<unsigned>(v.local, v.ll.counters) + recv_kernel)) {
+    if (done != nullptr) st_release_sys(done, epoch);
+    stamp_end(v, recv_kernel, epoch);
+    add_wait_time(v, wait_index, recv_kernel, epoch);
+    add_send_time(v, send_kernel, epoch);
+  }
+}
+
 // Receive kernels: wait until every rank's counter for this rank has reached epoch * kOpUnit, before a
 // __syncthreads. Threads r < R each load one word (one acquire: the common case, a signal already raised, costs one
 // round). The ranks kernels wait for are at most kMaxPeers, so threads from kMaxPeers on never wait here.
@@ -711,13 +724,7 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_re
   }
   __syncthreads();  // rows_from, pair_bits and slot_of_row are rewritten for the next pair
   }
-  uint64_t* const done = done_flag_at_peer(v, l.dispatch_done);
-  if (last_block_to_finish(field<unsigned>(v.local, l.counters) + kDispatchRecvKernel)) {
-    if (done != nullptr) st_release_sys(done, epoch);
-    stamp_end(v, kDispatchRecvKernel, epoch);
-    add_wait_time(v, 0, kDispatchRecvKernel, epoch);
-    add_send_time(v, kDispatchSendKernel, epoch);
-  }
+  finish_receive_block(v, kDispatchRecvKernel, 0, kDispatchSendKernel, l.dispatch_done, epoch);
 }
 
 // -- combine ----------------------------------------------------------------------------------------------
@@ -910,13 +917,7 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_combine_rec
     }
   }
   }
-  uint64_t* const done = done_flag_at_peer(v, l.combine_done);
-  if (last_block_to_finish(field<unsigned>(v.local, l.counters) + kCombineRecvKernel)) {
-    if (done != nullptr) st_release_sys(done, epoch);
-    stamp_end(v, kCombineRecvKernel, epoch);
-    add_wait_time(v, 1, kCombineRecvKernel, epoch);
-    add_send_time(v, kCombineSendKernel, epoch);
-  }
+  finish_receive_block(v, kCombineRecvKernel, 1, kCombineSendKernel, l.combine_done, epoch);
 }
 
 // Grids of the receive-side kernels: one block per work item (pair or token), within the budget. Measured on
