@@ -52,6 +52,16 @@ def send_samples(timeline, send):
     return samples
 
 
+def bench_files(paths):
+    """The bench_low_latency JSON files named, or found under the directories named."""
+    files = []
+    for path in paths:
+        if not os.path.exists(path):
+            raise SystemExit(f"{path}: no such file or directory")
+        files += sorted(glob.glob(os.path.join(path, "**", "bench_ll_*.json"), recursive=True)) if os.path.isdir(path) else [path]
+    return files
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("paths", nargs="+", help="bench_low_latency JSON files, or directories searched for them")
@@ -64,11 +74,7 @@ def main(argv=None):
     p.add_argument("--bins", default=None, help="bin edges (the last bin is open); default 0,3,5,7,9 us or "
                    "0,0.4,0.6,0.7,0.8,0.9")
     args = p.parse_args(argv)
-    files = []
-    for path in args.paths:
-        if not os.path.exists(path):
-            raise SystemExit(f"{path}: no such file or directory")
-        files += sorted(glob.glob(os.path.join(path, "**", "bench_ll_*.json"), recursive=True)) if os.path.isdir(path) else [path]
+    files = bench_files(args.paths)
     samples, used = [], 0
     for f in files:
         run = json.load(open(f))

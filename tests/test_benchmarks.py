@@ -439,3 +439,24 @@ def test_low_latency_overlap_picks_the_rounds(tmp_path, capsys):
     assert "median 6.50 us (min 1.00, max 12.00)" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         ll_overlap.main([str(tmp_path), "--rounds", "hooked"])   # no such timeline in these runs
+
+
+def test_low_latency_kernel_gaps(tmp_path, capsys):
+    """ll_gaps.py: a kernel's end stamp to the next kernel's start, the combine receive's to the next round's dispatch
+    send; per rank the median over rounds, then the max over ranks."""
+    import ll_gaps
+
+    def round_at(t0, recv_tail):   # kernels of 10 us; 2 us gaps after sends, 2 + recv_tail after the dispatch receive
+        return {"dispatch_send": [t0, t0, t0, t0 + 10], "dispatch_recv": [t0 + 12, t0 + 12, t0 + 15, t0 + 22],
+                "combine_send": [t0 + 24 + recv_tail, 0, 0, t0 + 34 + recv_tail],
+                "combine_recv": [t0 + 36 + recv_tail, 0, 0, t0 + 46 + recv_tail]}
+    rank0 = [round_at(0, 1), round_at(50, 1), round_at(100, 1)]   # combine receives end at 47 / 97: 3 us to the next
+    rank1 = [round_at(0, 3), round_at(60, 3), round_at(120, 3)]   # ends at 49 / 109: 11 us to the next send
+    gaps = ll_gaps.kernel_gaps([rank0, rank1])
+    assert gaps == {"dispatch_send_end_to_recv": 2, "dispatch_recv_end_to_combine_send": 5,
+                    "combine_send_end_to_recv": 2, "combine_recv_end_to_next_dispatch_send": 11}
+    (tmp_path / "bench_ll_R2_E256.json").write_text(json.dumps({"results": {"last_call_timeline_us": [rank0, rank1]}}))
+    ll_gaps.main([str(tmp_path)])
+    assert "'combine_recv_end_to_next_dispatch_send': 11" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        ll_gaps.main([str(tmp_path), "--rounds", "hooked"])   # no such timeline
