@@ -65,12 +65,14 @@ __device__ __forceinline__ int sanitize(int id, int num_experts) { return id >= 
 // block instead waited for that block's stores to drain at system scope: measured on the H200, 1-2 us more per
 // receive op (3a96f16) and 0.4-0.8 us per send at R=2, 1.5-2.5 us at R=8 (docs/low_latency.md, tenth session).
 // Do not weaken it below GPU scope.
+// No thread fences before the barrier: the barrier orders every thread's operations before thread 0's fence in the PTX
+// model's causality order, and the fence-then-count release pattern is cumulative over them (a fence in every thread
+// as well cost one more memory-barrier round per block; nineteenth session).
 __device__ bool last_block_to_finish(unsigned* counter) {
   __shared__ bool s_last;
-  fence_acq_rel_gpu();  // each thread's own stores (a fence waits for its thread's)
   __syncthreads();
   if (threadIdx.x == 0) {
-    fence_acq_rel_gpu();  // the release pattern proper: the barrier brings the other threads' operations before it
+    fence_acq_rel_gpu();  // the release pattern: the barrier brings the other threads' operations before it
     s_last = atomicAdd(counter, 1u) == gridDim.x - 1;
     if (s_last) {
       *counter = 0;
@@ -307,16 +309,15 @@ __device__ __forceinline__ uint64_t take_op_epoch(uint64_t* launches) {
              kOpUnit + 1;
 }
 
-// A send block done with its stores signals as above (threads r < R, rank r): first a fence in every thread (a fence
-// waits for its own thread's stores) and a barrier. Then it stamps the op's timeline (latest arrival, latest signal)
-// and, in block 0, writes the ticket. Rank r's base pointer is loaded before the fence: its round trip then overlaps
-// the stores' drain instead of following the barrier.
+// A send block done with its stores signals as above (threads r < R, rank r): a barrier, then thread r's GPU-scope
+// release, which covers the whole block's stores (the barrier orders them before it; a release is cumulative). Then it
+// stamps the op's timeline (latest arrival, latest signal) and, in block 0, writes the ticket. Rank r's base pointer is
+// loaded before the barrier, so its round trip overlaps the other warps' last stores instead of following them.
 __device__ void finish_send_block(const PeerView& v, uint32_t* ticket, int kernel, size_t signal_offset,
                                   uint64_t epoch, uint64_t arrived) {
   const int R = v.ll.num_ranks, r = threadIdx.x;
   if (v.every_rank_on_this_gpu()) {
     uint64_t* const signal = r < R ? field<uint64_t>(v.peers[r], signal_offset) + v.rank : nullptr;
-    fence_acq_rel_gpu();
     __syncthreads();
     if (r < R) red_release_gpu_add(signal, op_share());
   } else if (last_block_to_finish(field<unsigned>(v.local, v.ll.counters) + kernel)) {
