@@ -303,10 +303,14 @@ constexpr uint64_t kOpUnit = 1ull << 20;  // more than any grid (the launchers c
 
 __device__ __forceinline__ uint64_t op_share() { return blockIdx.x == 0 ? kOpUnit - (gridDim.x - 1) : 1ull; }
 
-// This op's epoch, taken by one thread of every block (one atomic round, in place of a load of the epoch).
+// This op's epoch, taken by one thread of every block: a load, then the block's share added with no value returned.
+// The load cannot see this block's own share (same thread, same address, program order), so the op's partial sum stays
+// under kOpUnit and the quotient counts only the ops before it (which finished: earlier kernels of the stream). Until the
+// nineteenth session every block waited for an atomic's returned sum on that one address instead (docs/low_latency.md).
 __device__ __forceinline__ uint64_t take_op_epoch(uint64_t* launches) {
-  return atomicAdd(reinterpret_cast<unsigned long long*>(launches), static_cast<unsigned long long>(op_share())) /
-             kOpUnit + 1;
+  const uint64_t before = ld_relaxed_gpu(launches);
+  red_relaxed_gpu_add(launches, op_share());
+  return before / kOpUnit + 1;
 }
 
 // A send block done with its stores signals as above (threads r < R, rank r): a barrier, then thread r's GPU-scope
