@@ -38,6 +38,9 @@ from tests.gpu.harness import (bench_arguments, emit_result, exchange, gather, g
                                physical_gpus, round_statistics, setup, timed, timed_pipelined, visible_sms)
 
 p = bench_arguments(tokens=128, loop=20)
+p.add_argument("--num-sms", type=int, default=0,
+               help="the kernels' grid budget (Buffer.num_sms, blocks; 0 = the default, four per visible SM): holds the grids "
+                    "while JAX_EP_MPS_SM_PERCENT changes the SMs a rank may use")
 args = p.parse_args()
 
 rank, R, mesh, _ = setup()
@@ -61,7 +64,7 @@ idx[rng.random(idx.shape) < 0.02] = -1          # a few masked selections, as De
 w = rng.random((R * T, K)).astype(np.float32)
 x = rng.standard_normal((R * T, H)).astype(np.float32)
 buf = jax_ep.Buffer(mesh, num_experts=E, hidden=H, max_tokens_per_rank=T, num_topk=K, low_latency=True,
-                    backend="reference" if DRY else "cuda")
+                    backend="reference" if DRY else "cuda", num_sms=args.num_sms or None)
 gx, gi, gw = (global_array(mesh, a) for a in (x.astype(jnp.bfloat16), idx, w))
 gy = global_array(mesh, np.zeros((R * E_loc, S, H), jnp.bfloat16))   # expert outputs (values do not matter)
 mm_n = 256 if DRY else 2048   # a rank's GEMM at R=2 on an H200: ~50 us between send and receive in the hooked rounds
@@ -262,7 +265,7 @@ floor_dispatch = R * T * 2 * H + 3 * sel * fp8_msg      # read x; write + read s
 floor_combine = 3 * sel * bf16_msg + R * T * 2 * H      # read y rows; write + read staging; write out
 B = args.hbm_bytes_per_s * G   # the floor's bytes spread over every GPU's HBM
 summary = dict(config=dict(ranks=R, physical_gpus=G, tokens=T, hidden=H, topk=K, experts=E, loop=args.loop, selections=sel,
-                           sms_visible=visible_sms()),
+                           sms_visible=visible_sms(), num_sms=args.num_sms or None),
                device=jax.devices()[0].device_kind, hbm_copy_bytes_per_s=args.hbm_bytes_per_s, results=results,
                floor_bytes=dict(dispatch=floor_dispatch, combine=floor_combine))
 if kernel and all(v is not None for v in kernel.values()):

@@ -12,7 +12,9 @@
 # every GPU, with the XLA baselines), sweep_mp (the same through jax_ep.launch, SWEEP_RANKS ranks).
 # normal_mp / ll_mp: only the multi-rank checks of normal / ll. internode (INTERNODE="R:N ...": the normal
 # check on virtual nodes), bench_internode (bench_normal on 8 ranks as nodes of each of BENCH_RANKS_PER_NODE, default "4 2").
-# BENCH_NORMAL_RANKS (default 8), BENCH_NORMAL_ARGS (extra bench_normal.py options, e.g. --profile) and BENCH_LL (default "2:256 8:256 8:288", ranks:experts) pick the benchmarks.
+# BENCH_NORMAL_RANKS (default 8), BENCH_NORMAL_ARGS (extra bench_normal.py options, e.g. --profile), BENCH_LL (default
+# "2:256 8:256 8:288", ranks:experts) and BENCH_LL_ARGS (extra bench_low_latency.py options, e.g. --num-sms 264) pick the
+# benchmarks.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_EP_TIMEOUT_S=${JAX_EP_TIMEOUT_S:-20}
@@ -120,7 +122,7 @@ if has bench_ll; then
   for cfg in ${BENCH_LL:-2:256 8:256 8:288}; do
     set -- ${cfg/:/ }
     timeout 200 python3 -m jax_ep.launch --nproc "$1" --timeout 180 -- python3 benchmarks/bench_low_latency.py \
-      --experts "$2" --hbm-bytes-per-s "$B" --out "$OUT/bench_ll_R$1_E$2.json" > "$OUT/bench_ll_R$1_E$2.log" 2>&1
+      --experts "$2" --hbm-bytes-per-s "$B" ${BENCH_LL_ARGS:-} --out "$OUT/bench_ll_R$1_E$2.json" > "$OUT/bench_ll_R$1_E$2.log" 2>&1
     echo "bench_ll R=$1 E=$2 exit $?"; grep -E "BENCH|Error|error|timed out" "$OUT/bench_ll_R$1_E$2.log" | head -5
   done
 fi

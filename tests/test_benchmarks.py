@@ -266,10 +266,10 @@ def test_bench_low_latency_dry_run(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     cmd = [sys.executable, os.path.join(BENCH_DIR, "bench_low_latency.py"), "--tokens", "8", "--hidden", "256",
-           "--experts", "16", "--loop", "2", "--repeats", "1", "--out", str(out)]
+           "--experts", "16", "--loop", "2", "--repeats", "1", "--num-sms", "24", "--out", str(out)]
     assert launch(2, cmd, timeout=240, gpus=["0", "1"]) == 0
     run = json.load(open(out))
-    assert run["config"]["ranks"] == 2 and run["floor_bytes"]["combine"] > 0
+    assert run["config"]["ranks"] == 2 and run["config"]["num_sms"] == 24 and run["floor_bytes"]["combine"] > 0
     assert set(run["results"]["overlap_s"]) == {"overlapped", "serial", "dispatch_alone", "matmul_alone"}
 
 
