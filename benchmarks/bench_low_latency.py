@@ -39,8 +39,8 @@ from tests.gpu.harness import (bench_arguments, emit_result, exchange, gather, g
 
 p = bench_arguments(tokens=128, loop=20)
 p.add_argument("--num-sms", type=int, default=0,
-               help="the kernels' grid budget (Buffer.num_sms, blocks; 0 = the default, four per visible SM): holds the grids "
-                    "while JAX_EP_MPS_SM_PERCENT changes the SMs a rank may use")
+               help="the kernels' grid budget (Buffer.num_sms, blocks; 0 = the default, four per visible SM): "
+                    "holds the grids while JAX_EP_MPS_SM_PERCENT changes the SMs a rank may use")
 args = p.parse_args()
 
 rank, R, mesh, _ = setup()

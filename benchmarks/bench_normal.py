@@ -28,7 +28,9 @@ from tests.gpu.harness import (bench_arguments, emit_result, exchange, gather, g
 p = bench_arguments(tokens=4096, loop=10)
 p.add_argument("--peer-bytes-per-s", type=float, default=0.0,
                help="per-GPU NVLink rate (benchmarks/peer_copy.py's sm_push_all_to_all) for runs over several GPUs")
-p.add_argument("--num-sms", default="0", help="comma-separated grid budgets (Buffer.num_sms, blocks) to sweep (0 = the default, four per visible SM)")
+p.add_argument("--num-sms", default="0",
+               help="comma-separated grid budgets (Buffer.num_sms, blocks) to sweep "
+                    "(0 = the default, four per visible SM)")
 p.add_argument("--ranks-per-node", type=int, default=0,
                help="internode mode with R / N (virtual) nodes; routing limited to --topk-groups nodes per token")
 p.add_argument("--topk-groups", type=int, default=4, help="nodes a token may use in internode mode (DeepSeek-V3)")

@@ -36,7 +36,8 @@ class Buffer:
       backend: ``"cuda"``, ``"reference"`` or None (auto: cuda on GPUs when the extension has the op;
         the ``JAX_EP_BACKEND`` environment variable overrides auto).
       num_sms: the kernels' grid budget in blocks, both modes (DeepEP's name; None: four blocks per SM this process
-        sees, which under MPS is its share). Low-latency kernels built for five blocks per SM take 5/4 of it.
+        sees, which under MPS is its share). The low-latency kernels built for five blocks per SM (the dispatch
+        send, the combine receive) take 5/4 of it.
       ranks_per_node: ranks that reach each other by load/store (a node); fewer than the axis size selects
         the internode normal mode (nodes of consecutive ranks, NVSHMEM between nodes; same outputs).
       timeout_s: device-side wait limit before a kernel fails the call naming the rank it waited for.
