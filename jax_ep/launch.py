@@ -5,7 +5,8 @@ starts the CUDA MPS daemon (and stops it afterwards), and gives each process an 
 (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE) so that ranks spinning on a GPU never starve their peers.
 JAX_EP_MPS_SM_PERCENT=100 lets every rank use every SM: safe for normal-mode jobs (their kernels wait in
 one-block kernels) and measured 21 % faster at R=8; the low-latency receive kernels wait on their whole
-grid, so keep the equal split for jobs that use low-latency mode. Each child
+grid, so keep the equal split for jobs that use low-latency mode (at 100 % an R=2 low-latency benchmark stalled
+until the device-side timeout in 5 runs of 5, 2026-11-30; a low-latency Buffer warns of such shares). Each child
 calls ``jax_ep.launch.initialize()`` (or ``jax.distributed.initialize`` itself) with the environment set
 here: JAX_EP_COORDINATOR, JAX_EP_NUM_PROCESSES, JAX_EP_PROCESS_ID.
 """

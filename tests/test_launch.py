@@ -91,3 +91,19 @@ def test_coordinator_port_is_outside_the_ephemeral_range_and_free():
         s.bind(("0.0.0.0", port))
         s.listen()
         assert not launch._bindable(port)
+
+
+def test_low_latency_ranks_sharing_a_gpu_are_warned_of_overlapping_mps_shares():
+    """Several low-latency ranks on one GPU whose MPS shares add up to more than the GPU: the receive grids that wait
+    may hold the SMs a peer's send needs (a stall until the timeout, measured at 100 % each). jax_ep.launch's equal
+    split, rounded up, is not warned about."""
+    from jax_ep.cuda_backend.runtime import mps_share_warning
+    assert mps_share_warning(1, None) is None                       # one rank per GPU: no sharing
+    for n in (2, 3, 4, 8):
+        assert mps_share_warning(n, str(launch._sm_percent(n))) is None
+    unset = mps_share_warning(2, None)
+    assert unset and "unset" in unset and "200 %" in unset and "at most 50 %" in unset
+    assert mps_share_warning(2, " ") == unset                        # empty counts as unset
+    assert "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=100" in mps_share_warning(8, "100")
+    assert mps_share_warning(2, "55") and mps_share_warning(8, "14")
+    assert mps_share_warning(2, "not a number") is None

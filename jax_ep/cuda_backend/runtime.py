@@ -63,6 +63,31 @@ def same_gpu_mask(uuids: list[bytes], rank: int) -> int:
     return sum(1 << r for r, uuid in enumerate(uuids) if uuid == uuids[rank])
 
 
+def mps_share_warning(ranks_on_gpu: int, share: str | None) -> str | None:
+    """Why a low-latency Buffer whose ranks share a GPU may stall until its timeout, or None. The low-latency receive
+    kernels wait on their whole grid; under MPS a rank's grid may use the SMs of its share
+    (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE, ``share``; 100 when unset), and where the ranks' shares add up to more than
+    the GPU, a rank's waiting receive can hold the SM slots a peer's send needs. Measured on an H200 (2026-11-30,
+    R=2, every rank at 100 %): the benchmark's first op stalled until the device-side timeout in 5 runs of 5, with
+    the grids at their usual size or at the equal split's (at 55 % each, one run, it did not). jax_ep.launch gives each rank ceil(100 / n) %, which MPS
+    rounds down to whole TPCs: each rank may add up to 1 % over an exact split."""
+    if ranks_on_gpu < 2:
+        return None
+    try:
+        percent = 100.0 if share is None or not share.strip() else float(share)
+    except ValueError:
+        return None   # MPS itself rejects what it cannot parse
+    if percent * ranks_on_gpu <= 100 + ranks_on_gpu:
+        return None
+    given = f"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE={share}" if share and share.strip() else \
+        "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE unset: 100 % each"
+    return (f"jax_ep: {ranks_on_gpu} ranks of this low-latency Buffer share one GPU and their MPS SM shares add up to "
+            f"{percent * ranks_on_gpu:g} % ({given}). The low-latency receive kernels wait on their whole grid, so a "
+            f"rank's waiting receive can hold the SMs a peer's send needs: the op then stalls until timeout_s and "
+            f"fails naming a rank. Give each rank at most {math.ceil(100 / ranks_on_gpu)} % (jax_ep.launch does, "
+            f"unless JAX_EP_MPS_SM_PERCENT says otherwise).")
+
+
 def _kv_client():
     from jax._src.distributed import global_state
     return global_state.client
@@ -180,6 +205,10 @@ class IntranodeRuntime:
         uuids = [ext.device_uuid(p.local_hardware_id) if p.process_index == self._me else
                  self._client.blocking_key_value_get_bytes(f"{self._prefix}/uuid/{p.id}", _KV_TIMEOUT_MS) for p in group]
         same_gpu = same_gpu_mask(uuids, coords[ax])
+        if buffer.low_latency:
+            why = mps_share_warning(bin(same_gpu).count("1"), os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"))
+            if why:
+                warnings.warn(why, stacklevel=2)
         if self._symmetric:   # PE = process index (one device per process)
             ext.intranode_open_symmetric(self.uid, d.local_hardware_id, coords[ax], [p.process_index for p in group],
                                          float(buffer.timeout_s), int(buffer.num_sms or 0), same_gpu)
