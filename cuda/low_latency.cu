@@ -316,16 +316,17 @@ __device__ __forceinline__ uint64_t take_op_epoch(uint64_t* launches) {
 // A send block done with its stores signals as above (threads r < R, rank r): a barrier, then thread r's GPU-scope
 // release, which covers the whole block's stores (the barrier orders them before it; a release is cumulative). Then it
 // stamps the op's timeline (latest arrival, latest signal) and, in block 0, writes the ticket. Rank r's base pointer is
-// loaded before the barrier, so its round trip overlaps the other warps' last stores instead of following them.
+// loaded before the barrier (or the last-block count), so its round trip overlaps the other warps' last stores instead
+// of following them (with a rank on another GPU, R=2 over two H200s: sends 0.1-0.3 us shorter, twentieth session).
 __device__ void finish_send_block(const PeerView& v, uint32_t* ticket, int kernel, size_t signal_offset,
                                   uint64_t epoch, uint64_t arrived) {
   const int R = v.ll.num_ranks, r = threadIdx.x;
+  uint64_t* const signal = r < R ? field<uint64_t>(v.peers[r], signal_offset) + v.rank : nullptr;
   if (v.every_rank_on_this_gpu()) {
-    uint64_t* const signal = r < R ? field<uint64_t>(v.peers[r], signal_offset) + v.rank : nullptr;
     __syncthreads();
     if (r < R) red_release_gpu_add(signal, op_share());
   } else if (last_block_to_finish(field<unsigned>(v.local, v.ll.counters) + kernel)) {
-    if (r < R) red_release_sys_add(field<uint64_t>(v.peers[r], signal_offset) + v.rank, kOpUnit);
+    if (r < R) red_release_sys_add(signal, kOpUnit);
   }
   if (threadIdx.x == 0) {
     stamp_send_end(v, kernel, epoch, arrived);
