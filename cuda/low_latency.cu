@@ -735,23 +735,65 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_re
 
 // -- combine ----------------------------------------------------------------------------------------------
 
-// A unit of the combine send: rows [first, first + mine) of local expert e's rows from source s.
+// A unit of the combine send: rows [first, first + mine) of local expert e's rows from source s, to be written at
+// `to`, source s's base pointer.
 struct CombineUnit {
   int e = 0, s = 0, offset = 0, first = 0, mine = 0;
+  uint8_t* to = nullptr;
 };
 
-__device__ __forceinline__ CombineUnit combine_unit(const PeerView& v, const LowLatencyCombineSendArgs& a, int unit,
+// A unit's layout ranges (sources 0..s of its expert) and its destination's base pointer are requested before any of
+// them is used, so that a block's prologue issues them with its other loads (the epoch, the "done" flags, the liveness
+// word) and waits one load round for all. Until the twenty-first session the ranges were added up as they came (a loop):
+// the sources before s, then s, then the epoch were dependent rounds (three at rank 0 of R=2, two at rank 1), and each
+// warp's first store waited for a load of v.peers[s] issued only after its y chunk had arrived. R=2 on one H200, five
+// runs each in the same calls: combine send 10.6-11.6 against 11.6-12.1 us, without the other rank's copies 9.15-9.33
+// against 9.47-9.58, with no rows 4.13-4.16 against 4.26-4.35.
+constexpr int kUnitRangesInFlight = 8;  // sources requested at once; a unit of source s >= 8 loads the rest in a loop
+struct UnitRequest {
+  int e = 0, s = 0, part = 0;
+  int ranges[kUnitRangesInFlight] = {};
+  uint8_t* to = nullptr;
+};
+
+__device__ __forceinline__ UnitRequest request_unit(const PeerView& v, const LowLatencyCombineSendArgs& a, int unit,
                                                     int splits) {
+  const int R = v.ll.num_ranks, pair = unit / splits;
+  UnitRequest q;
+  q.part = unit % splits;
+  q.e = pair / (R - 1);
+  q.s = pair % (R - 1) + (pair % (R - 1) >= v.rank ? 1 : 0);
+#pragma unroll
+  for (int r = 0; r < kUnitRangesInFlight; ++r) {
+    if (r <= q.s) q.ranges[r] = a.layout_range[q.e * R + r];
+  }
+  q.to = v.peers[q.s];
+  return q;
+}
+
+__device__ __forceinline__ CombineUnit settle_unit(const PeerView& v, const LowLatencyCombineSendArgs& a,
+                                                   const UnitRequest& q, int splits) {
   const int R = v.ll.num_ranks, T_max = v.ll.max_tokens, S = R * T_max;
-  const int pair = unit / splits, part = unit % splits;
-  CombineUnit u;
-  u.e = pair / (R - 1);
-  u.s = pair % (R - 1) + (pair % (R - 1) >= v.rank ? 1 : 0);
   // The handle is user-visible data: clamp everything that becomes an address.
-  for (int r = 0; r < u.s; ++r) u.offset += min(max(a.layout_range[u.e * R + r], 0), T_max);
-  const int rows = min(min(max(a.layout_range[u.e * R + u.s], 0), T_max), max(S - u.offset, 0));
-  u.first = rows * part / splits;
-  u.mine = rows * (part + 1) / splits - u.first;
+  int offset = 0, rows = 0;
+#pragma unroll
+  for (int r = 0; r < kUnitRangesInFlight; ++r) {
+    const int n = min(max(q.ranges[r], 0), T_max);
+    if (r < q.s) offset += n;
+    if (r == q.s) rows = n;
+  }
+  for (int r = kUnitRangesInFlight; r <= q.s; ++r) {
+    const int n = min(max(a.layout_range[q.e * R + r], 0), T_max);
+    if (r < q.s) offset += n; else rows = n;
+  }
+  rows = min(rows, max(S - offset, 0));
+  CombineUnit u;
+  u.e = q.e;
+  u.s = q.s;
+  u.offset = offset;
+  u.first = rows * q.part / splits;
+  u.mine = rows * (q.part + 1) / splits - u.first;
+  u.to = q.to;
   return u;
 }
 
@@ -764,16 +806,20 @@ __global__ void __launch_bounds__(kThreads) ll_combine_send_kernel(PeerView v, L
   const int S = R * T_max, E_loc = l.num_experts / R;
   // A grid of at least twice the pairs splits each pair's rows over gridDim / pairs blocks (the launcher's choice).
   const int pairs = E_loc * (R - 1), splits = pairs > 0 && gridDim.x >= 2 * pairs ? gridDim.x / pairs : 1;
-  // Loaded together before anything waits: the block's first unit, the epoch and, issued last (an acquire holds
-  // back the loads after it), the destinations' "done" flags that the last R threads check.
+  // Requested together before anything waits: the block's first unit, the epoch and, issued last (an acquire holds
+  // back the loads after it), the destinations' "done" flags that the last R threads check; the unit's ranges are
+  // added up only after all of them went out.
   const int waiter = static_cast<int>(threadIdx.x) - (kThreads - R);
-  CombineUnit u;
-  if (static_cast<int>(blockIdx.x) < pairs * splits) u = combine_unit(v, a, blockIdx.x, splits);
+  const bool has_unit = static_cast<int>(blockIdx.x) < pairs * splits;
+  UnitRequest first_request;
+  if (has_unit) first_request = request_unit(v, a, blockIdx.x, splits);
   __shared__ uint64_t s_epoch;
   if (threadIdx.x == 0) s_epoch = take_op_epoch(field<uint64_t>(v.local, l.combine_epoch));
   DoneSeen seen;
   if (waiter >= 0) seen = load_done_flags(v, l.combine_done, waiter);
   trap_if_closed(v, kLivenessChecker);  // after the loads above: its branch holds its warp's later loads back
+  CombineUnit u;
+  if (has_unit) u = settle_unit(v, a, first_request, splits);
   __syncthreads();
   const uint64_t epoch = s_epoch;
   const size_t parity = epoch & 1;
@@ -781,8 +827,9 @@ __global__ void __launch_bounds__(kThreads) ll_combine_send_kernel(PeerView v, L
   __syncthreads();
   stamp_start(v, kCombineSendKernel, epoch, entry_ns);  // every write after the liveness and staging checks
   for (int unit = blockIdx.x; unit < pairs * splits; unit += gridDim.x) {
-  if (unit != static_cast<int>(blockIdx.x)) u = combine_unit(v, a, unit, splits);
-  const int e = u.e, s = u.s, offset = u.offset, first = u.first, mine = u.mine;
+  if (unit != static_cast<int>(blockIdx.x)) u = settle_unit(v, a, request_unit(v, a, unit, splits), splits);
+  const int e = u.e, offset = u.offset, first = u.first, mine = u.mine;
+  uint8_t* const stage = u.to + l.combine_stage + parity * T_max * K * static_cast<size_t>(2 * H);
   const int row_bytes = 2 * H, chunks = ceil_div(row_bytes, kChunkBytes);
   for (int item = threadIdx.x >> 5; item < mine * chunks; item += kWarps) {
     const int j = first + item / chunks, chunk = item % chunks;
@@ -792,8 +839,7 @@ __global__ void __launch_bounds__(kThreads) ll_combine_send_kernel(PeerView v, L
     warp_load_chunk<false>(static_cast<const uint8_t*>(a.y) + in_row * row_bytes, row_bytes, chunk, v4);
     const int t = a.src_info[in_row], k = a.recv_k[in_row];
     if (t < 0 || t >= T_max || k < 0 || k >= K) continue;
-    uint8_t* dst = v.peers[s] + l.combine_stage + ((parity * T_max + t) * K + k) * static_cast<size_t>(row_bytes);
-    warp_store_chunk(dst, row_bytes, chunk, v4);
+    warp_store_chunk(stage + (static_cast<size_t>(t) * K + k) * row_bytes, row_bytes, chunk, v4);
   }
   }
   finish_send_block(v, a.ticket, kCombineSendKernel, l.combine_signal, epoch, global_timer_ns());
