@@ -735,10 +735,10 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_re
 
 // -- combine ----------------------------------------------------------------------------------------------
 
-// A unit of the combine send: rows [first, first + mine) of local expert e's rows from source s, to be written at
-// `to`, source s's base pointer.
+// A unit of the combine send: rows [first, first + mine) of local expert e's rows from one source, to be written at
+// `to`, that source's base pointer.
 struct CombineUnit {
-  int e = 0, s = 0, offset = 0, first = 0, mine = 0;
+  int e = 0, offset = 0, first = 0, mine = 0;
   uint8_t* to = nullptr;
 };
 
@@ -789,7 +789,6 @@ __device__ __forceinline__ CombineUnit settle_unit(const PeerView& v, const LowL
   rows = min(rows, max(S - offset, 0));
   CombineUnit u;
   u.e = q.e;
-  u.s = q.s;
   u.offset = offset;
   u.first = rows * q.part / splits;
   u.mine = rows * (q.part + 1) / splits - u.first;
@@ -829,8 +828,8 @@ __global__ void __launch_bounds__(kThreads) ll_combine_send_kernel(PeerView v, L
   for (int unit = blockIdx.x; unit < pairs * splits; unit += gridDim.x) {
   if (unit != static_cast<int>(blockIdx.x)) u = settle_unit(v, a, request_unit(v, a, unit, splits), splits);
   const int e = u.e, offset = u.offset, first = u.first, mine = u.mine;
-  uint8_t* const stage = u.to + l.combine_stage + parity * T_max * K * static_cast<size_t>(2 * H);
   const int row_bytes = 2 * H, chunks = ceil_div(row_bytes, kChunkBytes);
+  uint8_t* const stage = u.to + l.combine_stage + parity * T_max * K * static_cast<size_t>(row_bytes);
   for (int item = threadIdx.x >> 5; item < mine * chunks; item += kWarps) {
     const int j = first + item / chunks, chunk = item % chunks;
     const size_t in_row = static_cast<size_t>(e) * S + offset + j;
