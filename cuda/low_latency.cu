@@ -25,6 +25,7 @@
 #include <cstdint>
 
 #include "cuda/common.cuh"
+#include "cuda/fast_divmod.cuh"
 #include "cuda/low_latency.cuh"
 #include "cuda/sync.cuh"
 
@@ -195,6 +196,12 @@ __device__ __forceinline__ DoneSeen load_done_flags(const PeerView& v, size_t do
 // per-warp chains are what keeps them fast.
 constexpr int kChunkVecs = 32 * 4;
 constexpr int kChunkBytes = kChunkVecs * 16;
+
+// Item i = j * chunks + chunk of a copy loop (row j, its 2 KB chunk), stepped by `by` with no division by the run-time
+// chunk count (fast_divmod.cuh says what those cost).
+__device__ __forceinline__ void step_row_chunk(int& j, int& chunk, int by, int chunks) {
+  for (chunk += by; chunk >= chunks; chunk -= chunks) ++j;
+}
 
 template <bool kPeerWrittenSource>
 __device__ __forceinline__ void warp_load_chunk(const uint8_t* src, int bytes, int chunk, int4 v[4]) {
@@ -410,18 +417,18 @@ template <bool kOneGpu>
 __device__ __forceinline__ void find_token_dests(const PeerView& v, int id, int t, size_t parity, size_t bits_copy,
                                                  TokenDests* d) {
   const LowLatencyLayout& l = v.ll;
-  const int R = l.num_ranks, E_loc = l.num_experts / R, K = l.num_topk, T_max = l.max_tokens;
-  const int W = low_latency_token_words(T_max), lane = threadIdx.x & 31, owner = id >= 0 ? id / E_loc : -1;
+  const int R = l.num_ranks, E_loc = l.local_experts_div.divisor, K = l.num_topk, T_max = l.max_tokens;
+  const int W = low_latency_token_words(T_max), lane = threadIdx.x & 31, owner = id >= 0 ? l.local_experts_div.div(id) : -1;
   bool first = id >= 0, first_of_owner = id >= 0;  // an expert named twice counts once (its first k)
   for (int j = 0; j < K; ++j) {
     const int other = __shfl_sync(kFullMask, id, j);
     if (j < lane && other == id) first = false;
-    if (!kOneGpu && j < lane && other >= 0 && other / E_loc == owner) first_of_owner = false;
+    if (!kOneGpu && j < lane && other >= 0 && l.local_experts_div.div(other) == owner) first_of_owner = false;
   }
   const unsigned named = __ballot_sync(kFullMask, first);
   if (first) {
     d->bits[__popc(named & ((1u << lane) - 1u))] =
-        field<uint32_t>(v.peers[owner], l.dispatch_bits) + ((bits_copy * E_loc + id % E_loc) * R + v.rank) * W + (t >> 5);
+        field<uint32_t>(v.peers[owner], l.dispatch_bits) + ((bits_copy * E_loc + (id - owner * E_loc)) * R + v.rank) * W + (t >> 5);
   }
   const bool same_gpu = kOneGpu || (owner >= 0 && ((v.same_gpu >> owner) & 1ull));
   const unsigned pushed = kOneGpu ? 0u : __ballot_sync(kFullMask, first_of_owner && !same_gpu);
@@ -449,7 +456,7 @@ __device__ __forceinline__ void find_token_dests(const PeerView& v, int id, int 
 // row in it.
 template <bool kSplitRow, bool kOneGpu>
 __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_send_kernel(PeerView v, LowLatencyDispatchSendArgs a,
-                                                                                          int tokens_per_pass, int row_parts) {
+                                                                                          int tokens_per_pass, FastDivmod row_parts) {
   const uint64_t entry_ns = global_timer_ns();
   extern __shared__ int4 token_rows[];  // [tokens_per_pass][H / 8]: the pass's bf16 rows
   __shared__ TokenDests dests[kSendTokensPerPass];
@@ -458,11 +465,12 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_se
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, P = tokens_per_pass, row_vecs = H / 8;
   // Where the grid budget has room (R=2), a token's row is split over row_parts blocks (pieces [j_lo, j_hi), whole
   // 128-channel groups); part 0 also writes the header and the presence bits.
-  const int part = kSplitRow ? static_cast<int>(blockIdx.x) % row_parts : 0;
-  const int step = kSplitRow ? static_cast<int>(gridDim.x) / row_parts : static_cast<int>(gridDim.x);
-  const int unit = row_vecs % 16 == 0 ? 16 : 1;
-  const int j_lo = kSplitRow ? row_vecs / unit * part / row_parts * unit : 0;
-  const int j_hi = kSplitRow ? row_vecs / unit * (part + 1) / row_parts * unit : row_vecs;
+  const int token_block = kSplitRow ? row_parts.div(blockIdx.x) : static_cast<int>(blockIdx.x);
+  const int part = kSplitRow ? static_cast<int>(blockIdx.x) - token_block * row_parts.divisor : 0;
+  const int step = kSplitRow ? row_parts.div(gridDim.x) : static_cast<int>(gridDim.x);
+  const int unit_shift = row_vecs % 16 == 0 ? 4 : 0;  // split at whole 16-piece units (128-channel groups) when it can
+  const int j_lo = kSplitRow ? row_parts.div((row_vecs >> unit_shift) * part) << unit_shift : 0;
+  const int j_hi = kSplitRow ? row_parts.div((row_vecs >> unit_shift) * (part + 1)) << unit_shift : row_vecs;
   // Pass p takes tokens token_block + (p * P + i) * step, i < P (token_block = blockIdx.x / row_parts, step = grid /
   // row_parts). The first pass's rows and ids are requested before the epoch: nothing about them depends on the op.
   auto request_rows = [&](int first) {
@@ -478,7 +486,6 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_se
     const int t = first + warp * step;
     return warp < P && lane < K && t < T ? sanitize(a.topk_idx[t * K + lane], E) : -1;
   };
-  const int token_block = kSplitRow ? static_cast<int>(blockIdx.x) / row_parts : static_cast<int>(blockIdx.x);
   int first = token_block;
   request_rows(first);
   int id = load_id(first);
@@ -513,7 +520,8 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_se
     }
     __syncthreads();  // also orders every write below after the liveness check and the staging checks
     if (first == token_block) stamp_start(v, kDispatchSendKernel, epoch, entry_ns);
-    const int tokens = min(P, ceil_div(T - first, step));
+    int tokens = 0;  // the pass's tokens first + i * step < T, i < P (counted: a division by step is a MUFU chain)
+    while (tokens < P && first + tokens * step < T) ++tokens;
     for (int i = 0; (!kSplitRow || part == 0) && i < tokens; ++i) {
       const int t = first + i * step;
       const TokenDests& d = dests[i];
@@ -526,9 +534,10 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_se
           reinterpret_cast<int*>(d.row[0])[w] = header_word(d, t, w, K);
         }
       } else {
-        for (int h = threadIdx.x; h < d.num_rows * (header_bytes / 4); h += kThreads) {
-          const int r = h / (header_bytes / 4), w = h % (header_bytes / 4);
-          reinterpret_cast<int*>(d.row[r])[w] = header_word(d, t, w, K);
+        for (int r = 0; r < d.num_rows; ++r) {
+          for (int w = threadIdx.x; w < header_bytes / 4; w += kThreads) {
+            reinterpret_cast<int*>(d.row[r])[w] = header_word(d, t, w, K);
+          }
         }
       }
     }
@@ -613,7 +622,7 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_re
   extern __shared__ uint32_t pair_bits[];
   __shared__ int rows_from[kMaxPeers];
   const LowLatencyLayout& l = v.ll;
-  const int R = l.num_ranks, E_loc = l.num_experts / R, H = l.hidden, T_max = l.max_tokens, S = R * T_max;
+  const int R = l.num_ranks, E_loc = l.local_experts_div.divisor, H = l.hidden, T_max = l.max_tokens, S = R * T_max;
   const int W = low_latency_token_words(T_max);
   uint16_t* const slot_of_row = reinterpret_cast<uint16_t*>(pair_bits + W);
   const uint64_t epoch = ticket_epoch(a.ticket);
@@ -625,7 +634,7 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_re
   __syncthreads();  // every source's rows are there (the barrier orders the waiting threads' acquires before all)
   stamp_start(v, kDispatchRecvKernel, epoch, entry_ns);  // every write after the liveness check
   for (int pair = blockIdx.x; pair < E_loc * R; pair += gridDim.x) {
-  const int e = pair / R, s = pair % R;
+  const int e = l.ranks_div.div(pair), s = pair - e * R;
   // This op's copy of expert e's presence bits [R][W], and the copy the sends of epoch n + 2 will set.
   uint32_t* const bits_now = field<uint32_t>(v.local, l.dispatch_bits) + ((epoch % kLowLatencyBitsCopies) * E_loc + e) * R * W;
   uint32_t* const bits_next = field<uint32_t>(v.local, l.dispatch_bits) + (((epoch + 2) % kLowLatencyBitsCopies) * E_loc + e) * R * W;
@@ -684,11 +693,11 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_re
   const int header_bytes = low_latency_header_bytes(l.num_topk), header_units = header_bytes / 16;
   const int expert = v.rank * E_loc + e;  // the id the header names this expert by
   const bool wide_scales = scale_bytes % 16 == 0;
-  const int scale_units = scale_bytes / (wide_scales ? 16 : 4);
+  const int scale_units = wide_scales ? scale_bytes >> 4 : scale_bytes >> 2;
   const int units_with_payload = header_units + scale_units <= 32 ? scale_units : 0;  // larger: copied after the payload
   const int lane = threadIdx.x & 31, chunks = ceil_div(payload_bytes, kChunkBytes);
-  for (int item = threadIdx.x >> 5; item < rows * chunks; item += kWarps) {
-    const int j = item / chunks, chunk = item % chunks;
+  int j = 0, chunk = 0;
+  for (step_row_chunk(j, chunk, threadIdx.x >> 5, chunks); j < rows; step_row_chunk(j, chunk, kWarps, chunks)) {
     const uint8_t* row = stage + static_cast<size_t>(slot_of_row[j]) * l.row_stride;
     const uint8_t* scales_in = row + header_bytes + payload_bytes;
     const size_t out_row = static_cast<size_t>(e) * S + offset + j;
@@ -756,13 +765,21 @@ struct UnitRequest {
   uint8_t* to = nullptr;
 };
 
-__device__ __forceinline__ UnitRequest request_unit(const PeerView& v, const LowLatencyCombineSendArgs& a, int unit,
-                                                    int splits) {
-  const int R = v.ll.num_ranks, pair = unit / splits;
+// The combine send's grid, worked out on the host: its prologue then needs no division by a runtime value (four such
+// divisions in a chain, each ~20 instructions around a MUFU reciprocal, came before its first load).
+struct CombineSendGrid {
+  int pairs = 0;         // (local expert, source rank != me) pairs
+  FastDivmod splits;     // blocks per pair
+  FastDivmod others;     // R - 1
+};
+
+__device__ __forceinline__ UnitRequest request_unit(const PeerView& v, const LowLatencyCombineSendArgs& a,
+                                                    const CombineSendGrid& g, int unit) {
+  const int R = v.ll.num_ranks, pair = g.splits.div(unit), other = pair - g.others.div(pair) * g.others.divisor;
   UnitRequest q;
-  q.part = unit % splits;
-  q.e = pair / (R - 1);
-  q.s = pair % (R - 1) + (pair % (R - 1) >= v.rank ? 1 : 0);
+  q.part = unit - pair * g.splits.divisor;
+  q.e = g.others.div(pair);
+  q.s = other + (other >= v.rank ? 1 : 0);
 #pragma unroll
   for (int r = 0; r < kUnitRangesInFlight; ++r) {
     if (r <= q.s) q.ranges[r] = a.layout_range[q.e * R + r];
@@ -772,7 +789,7 @@ __device__ __forceinline__ UnitRequest request_unit(const PeerView& v, const Low
 }
 
 __device__ __forceinline__ CombineUnit settle_unit(const PeerView& v, const LowLatencyCombineSendArgs& a,
-                                                   const UnitRequest& q, int splits) {
+                                                   const CombineSendGrid& g, const UnitRequest& q) {
   const int R = v.ll.num_ranks, T_max = v.ll.max_tokens, S = R * T_max;
   // The handle is user-visible data: clamp everything that becomes an address.
   int offset = 0, rows = 0;
@@ -790,49 +807,48 @@ __device__ __forceinline__ CombineUnit settle_unit(const PeerView& v, const LowL
   CombineUnit u;
   u.e = q.e;
   u.offset = offset;
-  u.first = rows * q.part / splits;
-  u.mine = rows * (q.part + 1) / splits - u.first;
+  u.first = g.splits.div(rows * q.part);
+  u.mine = g.splits.div(rows * (q.part + 1)) - u.first;
   u.to = q.to;
   return u;
 }
 
 // Blocks stride over (local expert e, source rank s != me) pairs: send e's rows from s back to s, slot
 // [token][k]. A rank's answers to its own tokens are not staged: its receive reads them from y.
-__global__ void __launch_bounds__(kThreads) ll_combine_send_kernel(PeerView v, LowLatencyCombineSendArgs a) {
+__global__ void __launch_bounds__(kThreads) ll_combine_send_kernel(PeerView v, LowLatencyCombineSendArgs a,
+                                                                  CombineSendGrid g) {
   const uint64_t entry_ns = global_timer_ns();
   const LowLatencyLayout& l = v.ll;
   const int R = l.num_ranks, H = l.hidden, K = l.num_topk, T_max = l.max_tokens;
-  const int S = R * T_max, E_loc = l.num_experts / R;
-  // A grid of at least twice the pairs splits each pair's rows over gridDim / pairs blocks (the launcher's choice).
-  const int pairs = E_loc * (R - 1), splits = pairs > 0 && gridDim.x >= 2 * pairs ? gridDim.x / pairs : 1;
+  const int S = R * T_max, units = g.pairs * g.splits.divisor;
   // Requested together before anything waits: the block's first unit, the epoch and, issued last (an acquire holds
   // back the loads after it), the destinations' "done" flags that the last R threads check; the unit's ranges are
   // added up only after all of them went out.
   const int waiter = static_cast<int>(threadIdx.x) - (kThreads - R);
-  const bool has_unit = static_cast<int>(blockIdx.x) < pairs * splits;
+  const bool has_unit = static_cast<int>(blockIdx.x) < units;
   UnitRequest first_request;
-  if (has_unit) first_request = request_unit(v, a, blockIdx.x, splits);
+  if (has_unit) first_request = request_unit(v, a, g, blockIdx.x);
   __shared__ uint64_t s_epoch;
   if (threadIdx.x == 0) s_epoch = take_op_epoch(field<uint64_t>(v.local, l.combine_epoch));
   DoneSeen seen;
   if (waiter >= 0) seen = load_done_flags(v, l.combine_done, waiter);
   trap_if_closed(v, kLivenessChecker);  // after the loads above: its branch holds its warp's later loads back
   CombineUnit u;
-  if (has_unit) u = settle_unit(v, a, first_request, splits);
+  if (has_unit) u = settle_unit(v, a, g, first_request);
   __syncthreads();
   const uint64_t epoch = s_epoch;
   const size_t parity = epoch & 1;
   if (waiter >= 0) wait_staging_free(v, l.combine_done, epoch, waiter, kPhaseLowLatencyCombineSend, seen.own, seen.dest);
   __syncthreads();
   stamp_start(v, kCombineSendKernel, epoch, entry_ns);  // every write after the liveness and staging checks
-  for (int unit = blockIdx.x; unit < pairs * splits; unit += gridDim.x) {
-  if (unit != static_cast<int>(blockIdx.x)) u = settle_unit(v, a, request_unit(v, a, unit, splits), splits);
+  for (int unit = blockIdx.x; unit < units; unit += gridDim.x) {
+  if (unit != static_cast<int>(blockIdx.x)) u = settle_unit(v, a, g, request_unit(v, a, g, unit));
   const int e = u.e, offset = u.offset, first = u.first, mine = u.mine;
   const int row_bytes = 2 * H, chunks = ceil_div(row_bytes, kChunkBytes);
   uint8_t* const stage = u.to + l.combine_stage + parity * T_max * K * static_cast<size_t>(row_bytes);
-  for (int item = threadIdx.x >> 5; item < mine * chunks; item += kWarps) {
-    const int j = first + item / chunks, chunk = item % chunks;
-    const size_t in_row = static_cast<size_t>(e) * S + offset + j;
+  int i = 0, chunk = 0;  // row first + i of the unit
+  for (step_row_chunk(i, chunk, threadIdx.x >> 5, chunks); i < mine; step_row_chunk(i, chunk, kWarps, chunks)) {
+    const size_t in_row = static_cast<size_t>(e) * S + offset + first + i;
     // The chunk's loads go out before the handle's (t, k) are read: the two latencies overlap.
     int4 v4[4];
     warp_load_chunk<false>(static_cast<const uint8_t*>(a.y) + in_row * row_bytes, row_bytes, chunk, v4);
@@ -852,8 +868,8 @@ __global__ void __launch_bounds__(kThreads) ll_combine_send_kernel(PeerView v, L
 __device__ __forceinline__ const int4* combine_answer_row(const PeerView& v, const LowLatencyCombineRecvArgs& a,
                                                           size_t parity, int t, int id, int first_k) {
   const LowLatencyLayout& l = v.ll;
-  const int R = l.num_ranks, E_loc = l.num_experts / R, T_max = l.max_tokens, H = l.hidden, K = l.num_topk;
-  const int W = low_latency_token_words(T_max), owner = id / E_loc, e = id % E_loc;
+  const int R = l.num_ranks, T_max = l.max_tokens, H = l.hidden, K = l.num_topk;
+  const int W = low_latency_token_words(T_max), owner = l.local_experts_div.div(id), e = id - owner * l.local_experts_div.divisor;
   if (owner != v.rank) {
     return reinterpret_cast<const int4*>(v.local + l.combine_stage +
                                          ((parity * T_max + t) * K + first_k) * static_cast<size_t>(2 * H));
@@ -910,7 +926,7 @@ __device__ __forceinline__ void combine_token_setup(const PeerView& v, const Low
 // the block's first token's answers are needs no peer, so the last warp finds it while threads i < 2R wait for the
 // owners.
 __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_combine_recv_kernel(PeerView v, LowLatencyCombineRecvArgs a,
-                                                                                         int column_parts) {
+                                                                                         FastDivmod column_parts) {
   __shared__ const int4* answer[32];
   __shared__ float weight[32];
   const uint64_t entry_ns = global_timer_ns();
@@ -920,20 +936,20 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_combine_rec
   TokenRoute route;
   // Item i: token i / column_parts, its columns part i % column_parts (a token's columns split over blocks where the
   // grid budget allows: each thread's chain of dependent load rounds is that much shorter).
-  const int parts = column_parts, items = a.num_tokens * parts, vecs = H / 8;
-  if (setup_warp && blockIdx.x < items) route = load_token_route(a, blockIdx.x / parts, K, E);
+  const int parts = column_parts.divisor, items = a.num_tokens * parts, vecs = H / 8;
+  if (setup_warp && blockIdx.x < items) route = load_token_route(a, column_parts.div(blockIdx.x), K, E);
   const uint64_t epoch = ticket_epoch(a.ticket);
   const size_t parity = epoch & 1;
   const uint64_t received = load_received(v, l.combine_done);
   wait_for_signals(v, field<uint64_t>(v.local, l.combine_signal), epoch, kPhaseLowLatencyCombineRecv);
   trap_if_closed(v, kLivenessChecker);
   check_receive_order(v, received, epoch);
-  if (setup_warp && blockIdx.x < items) combine_token_setup(v, a, parity, blockIdx.x / parts, route, answer, weight);
+  if (setup_warp && blockIdx.x < items) combine_token_setup(v, a, parity, column_parts.div(blockIdx.x), route, answer, weight);
   __syncthreads();
   stamp_start(v, kCombineRecvKernel, epoch, entry_ns);  // every write after the liveness check
   if (threadIdx.x == 0) stamp_wait_end(v, 1);
   for (int item = blockIdx.x; item < items; item += gridDim.x) {
-  const int t = item / parts, part = item % parts;
+  const int t = column_parts.div(item), part = item - t * parts;
   if (item != static_cast<int>(blockIdx.x)) {
     __syncthreads();  // answer / weight of the previous token are no longer read
     if (setup_warp) combine_token_setup(v, a, parity, t, load_token_route(a, t, K, E), answer, weight);
@@ -941,7 +957,8 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_combine_rec
   }
   {
     int4* out = reinterpret_cast<int4*>(static_cast<uint8_t*>(a.out) + static_cast<size_t>(t) * 2 * H);
-    for (int c = vecs * part / parts + threadIdx.x; c < vecs * (part + 1) / parts; c += blockDim.x) {
+    const int c_end = column_parts.div(vecs * (part + 1));
+    for (int c = column_parts.div(vecs * part) + threadIdx.x; c < c_end; c += blockDim.x) {
       float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
       for (int k0 = 0; k0 < K; k0 += 4) {  // four answers' loads in flight, summed in ascending k
         int4 raw[4];
@@ -1016,6 +1033,8 @@ LowLatencyLayout make_low_latency_layout(size_t base, int num_ranks, int num_exp
   l.num_topk = num_topk;
   l.hidden = hidden;
   l.row_stride = round_up(low_latency_header_bytes(num_topk) + 2 * hidden, 16);  // bf16 is the widest payload (fp8 + f32 scales < 2H)
+  l.ranks_div = FastDivmod(num_ranks);
+  l.local_experts_div = FastDivmod(num_experts / num_ranks);
   size_t off = round_up<size_t>(base, 256);
   auto take = [&off](size_t bytes) {
     const size_t at = off;
@@ -1055,7 +1074,7 @@ cudaError_t launch_low_latency_dispatch_send(const PeerView& view, const LowLate
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
   if (static_cast<uint64_t>(grid) >= kOpUnit) return cudaErrorInvalidConfiguration;  // the blocks' shares must fit an op
-  kernel<<<grid, kThreads, smem, stream>>>(view, args, tokens_per_pass, row_parts);
+  kernel<<<grid, kThreads, smem, stream>>>(view, args, tokens_per_pass, FastDivmod(row_parts));
   return cudaGetLastError();
 }
 
@@ -1070,11 +1089,13 @@ cudaError_t launch_low_latency_combine_send(const PeerView& view, const LowLaten
                                             int num_blocks, cudaStream_t stream) {
   // Its own rank's answers are not sent. Where the budget allows, each pair's rows are split over up to
   // kCombineSendSplits blocks: at R=2 one block per pair left each block four dependent load rounds.
-  const int pairs = view.ll.local_experts() * (view.ll.num_ranks - 1);
-  const int splits = parts_within(num_blocks, pairs, kCombineSendSplits);
-  const int grid = capped_grid(pairs * splits, receive_grid(num_blocks));
+  CombineSendGrid g;
+  g.pairs = view.ll.local_experts() * (view.ll.num_ranks - 1);
+  g.splits = FastDivmod(parts_within(num_blocks, g.pairs, kCombineSendSplits));
+  g.others = FastDivmod(view.ll.num_ranks - 1);
+  const int grid = capped_grid(g.pairs * g.splits.divisor, receive_grid(num_blocks));
   if (static_cast<uint64_t>(grid) >= kOpUnit) return cudaErrorInvalidConfiguration;  // the blocks' shares must fit an op
-  ll_combine_send_kernel<<<grid, kThreads, 0, stream>>>(view, args);
+  ll_combine_send_kernel<<<grid, kThreads, 0, stream>>>(view, args, g);
   return cudaGetLastError();
 }
 
@@ -1082,7 +1103,7 @@ cudaError_t launch_low_latency_combine_recv(const PeerView& view, const LowLaten
                                             int num_blocks, cudaStream_t stream) {
   const int budget = five_per_sm_grid(num_blocks);
   const int parts = parts_within(budget, args.num_tokens, kCombineRecvParts);
-  ll_combine_recv_kernel<<<capped_grid(args.num_tokens * parts, budget), kThreads, 0, stream>>>(view, args, parts);
+  ll_combine_recv_kernel<<<capped_grid(args.num_tokens * parts, budget), kThreads, 0, stream>>>(view, args, FastDivmod(parts));
   return cudaGetLastError();
 }
 

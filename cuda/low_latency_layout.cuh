@@ -10,6 +10,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "cuda/fast_divmod.cuh"
+
 #ifdef __CUDACC__
 #define JAX_EP_HOST_DEVICE __host__ __device__
 #else
@@ -32,6 +34,8 @@ struct LowLatencyLayout {
   int num_topk = 0;         // K
   int hidden = 0;           // H
   int row_stride = 0;       // bytes of one staged dispatch row: header (low_latency_header_bytes) + the widest payload (bf16)
+  FastDivmod ranks_div;     // R, for the kernels' index arithmetic (fast_divmod.cuh says why)
+  FastDivmod local_experts_div;  // E_loc = num_experts / R
   // Absolute byte offsets inside the rank's block (the area starts after the intranode one).
   size_t dispatch_epoch = 0;   // u64: dispatch sends' launch counter, kOpUnit per op (local)
   size_t combine_epoch = 0;    // u64: combine sends' launch counter, kOpUnit per op (local)

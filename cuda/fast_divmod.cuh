@@ -1,0 +1,33 @@
+// Division by a divisor known on the host, as a multiply-high, an add and a shift on the device. A division by a
+// run-time value compiles to ~20 instructions around a MUFU reciprocal and two conversions, all on the SM's narrow
+// transcendental pipe: when every warp of a grid runs such a chain at its start (block index by a split count, an
+// expert id by the experts per rank), they queue there before the first address is known. Measured on one H200 (R=2,
+// ranks under MPS; the combine send's prologue had four chained divisions): the send with no rows to send went from
+// 4.0-4.2 to 3.1-3.3 us, the standard rounds' send from 10.6-11.5 to 9.9-10.3 (docs/low_latency.md, 22nd session).
+#pragma once
+
+#include <cstdint>
+
+namespace jax_ep {
+
+// Exact for 0 <= n < 2^31 and 1 <= divisor < 2^31 (the round-up method: shift = ceil(log2 d), then
+// n / d = (umulhi(n, mul) + n) >> shift with mul = floor(2^32 (2^shift - d) / d) + 1).
+struct FastDivmod {
+  int divisor = 1;
+  uint32_t multiplier = 0;
+  uint32_t shift = 0;
+
+  FastDivmod() = default;
+  explicit FastDivmod(int d) : divisor(d < 1 ? 1 : d) {
+    while ((1u << shift) < static_cast<uint32_t>(divisor)) ++shift;
+    multiplier = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << shift) - divisor)) / divisor + 1);
+  }
+
+#ifdef __CUDACC__
+  __device__ __forceinline__ int div(int n) const {
+    return static_cast<int>((__umulhi(static_cast<uint32_t>(n), multiplier) + static_cast<uint32_t>(n)) >> shift);
+  }
+#endif
+};
+
+}  // namespace jax_ep
