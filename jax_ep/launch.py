@@ -1,8 +1,10 @@
 """Start R cooperating processes on this machine's GPUs: ``python -m jax_ep.launch --nproc R -- cmd ...``.
 
 Process i gets GPU i % G (G = visible GPUs). When R > G, several processes share a GPU: the launcher
-starts the CUDA MPS daemon (and stops it afterwards), and gives each process an equal share of the SMs
-(CUDA_MPS_ACTIVE_THREAD_PERCENTAGE) so that ranks spinning on a GPU never starve their peers.
+starts the CUDA MPS daemon (and stops it afterwards), and caps each process at an equal share of the SMs
+(CUDA_MPS_ACTIVE_THREAD_PERCENTAGE) so that ranks spinning on a GPU never starve their peers. The share is a cap,
+not a partition: MPS (driver 580) runs every client on the same first SMs of its share (R=2 at 50 %: all ranks on SMs
+0-65 of the H200's 132; R=8 at 13 %: all on SMs 0-15), measured with %smid on 2026-11-30.
 JAX_EP_MPS_SM_PERCENT=100 lets every rank use every SM: safe for normal-mode jobs (their kernels wait in
 one-block kernels) and measured 21 % faster at R=8; the low-latency receive kernels wait on their whole
 grid, so keep the equal split for jobs that use low-latency mode (at 100 % an R=2 low-latency benchmark stalled
@@ -54,8 +56,9 @@ def _sm_percent(ranks_per_gpu: int) -> int:
     """Each rank's SM share under MPS: an equal split unless JAX_EP_MPS_SM_PERCENT (1..100) says otherwise.
 
     The split is rounded up: MPS rounds a share down to whole TPCs (pairs of SMs), so 100 // 8 = 12 % gave each of 8
-    ranks 14 of the H200's 132 SMs, 20 of them idle; 13 % gives 16 (128 in all). Measured at R=8 (low-latency
-    benchmark, dispatch / combine, with the grids of cuda/low_latency.cu's five_per_sm_grid): 84.1-84.3 /
+    ranks 14 of the H200's 132 SMs and 13 % gives 16. Every rank gets the same 16 (SMs 0-15): MPS caps each client
+    at its share of the first SMs, it does not hand out disjoint ones. Measured at R=8 (low-latency benchmark,
+    dispatch / combine, with the grids of cuda/low_latency.cu's five_per_sm_grid): 12 % -> 13 %, 84.1-84.3 /
     104.1-104.9 us -> 76.5-77.0 / 100.5-101.2 us.
     """
     given = os.environ.get("JAX_EP_MPS_SM_PERCENT", "").strip()

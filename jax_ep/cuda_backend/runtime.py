@@ -66,11 +66,12 @@ def same_gpu_mask(uuids: list[bytes], rank: int) -> int:
 def mps_share_warning(ranks_on_gpu: int, share: str | None) -> str | None:
     """Why a low-latency Buffer whose ranks share a GPU may stall until its timeout, or None. The low-latency receive
     kernels wait on their whole grid; under MPS a rank's grid may use the SMs of its share
-    (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE, ``share``; 100 when unset), and where the ranks' shares add up to more than
-    the GPU, a rank's waiting receive can hold the SM slots a peer's send needs. Measured on an H200 (2026-11-30,
-    R=2, every rank at 100 %): the benchmark's first op stalled until the device-side timeout in 5 runs of 5, with
-    the grids at their usual size or at the equal split's (at 55 % each, one run, it did not). jax_ep.launch gives
-    each rank ceil(100 / n) %, which MPS rounds down to whole TPCs: each rank may add up to 1 % over an exact split."""
+    (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE, ``share``; 100 when unset). Measured on an H200 (2026-11-30, R=2): with every
+    rank at 100 %, the benchmark's first op stalled until the device-side timeout in 5 runs of 5, with the grids at
+    their usual size or at the equal split's (at 55 % each, one run, it did not); with one rank at 50 % and the other
+    at 100 % (R=8: 13 % to 100 %), 2 runs of 2 each. Why is not known: MPS runs every client on the first SMs of its
+    share, so equal shares overlap entirely and do not stall. jax_ep.launch gives each rank ceil(100 / n) %, which MPS
+    rounds down to whole TPCs: each rank may add up to 1 % over an exact split."""
     if ranks_on_gpu < 2:
         return None
     try:
