@@ -23,11 +23,19 @@ struct FastDivmod {
     multiplier = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << shift) - divisor)) / divisor + 1);
   }
 
+  // The host build computes the same (jax_ep._C.fast_divide, checked against // by tests/test_fast_divmod.py).
 #ifdef __CUDACC__
-  __device__ __forceinline__ int div(int n) const {
-    return static_cast<int>((__umulhi(static_cast<uint32_t>(n), multiplier) + static_cast<uint32_t>(n)) >> shift);
-  }
+  __host__ __device__
 #endif
+  inline int div(int n) const {
+    const uint32_t u = static_cast<uint32_t>(n);
+#ifdef __CUDA_ARCH__
+    const uint32_t high = __umulhi(u, multiplier);
+#else
+    const uint32_t high = static_cast<uint32_t>((static_cast<uint64_t>(u) * multiplier) >> 32);
+#endif
+    return static_cast<int>((high + u) >> shift);
+  }
 };
 
 }  // namespace jax_ep

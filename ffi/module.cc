@@ -20,6 +20,7 @@
 #include <vector>
 #include <type_traits>
 
+#include "cuda/fast_divmod.cuh"
 #include "cuda/low_latency.cuh"
 #include "ffi/handlers.h"
 #include "ffi/nvshmem_transport.h"
@@ -177,6 +178,22 @@ NB_MODULE(_C, m) {
         "Dict {target_name: PyCapsule} of the XLA FFI handlers (platform CUDA).");
   m.def("build_info", &BuildInfo,
         "Dict describing how this extension was built (CUDA archs, versions).");
+  m.def("fast_divide",
+        [](int divisor, const std::vector<int64_t>& numerators) {
+          if (divisor < 1) throw nb::value_error("fast_divide: divisor must be >= 1");
+          const jax_ep::FastDivmod d(divisor);
+          std::vector<int64_t> quotients;
+          quotients.reserve(numerators.size());
+          for (int64_t n : numerators) {
+            if (n < 0 || n > std::numeric_limits<int32_t>::max()) {
+              throw nb::value_error("fast_divide: numerators must be in [0, 2^31)");
+            }
+            quotients.push_back(d.div(static_cast<int>(n)));
+          }
+          return quotients;
+        },
+        nb::arg("divisor"), nb::arg("numerators"),
+        "n // divisor for each n by the kernels' host-computed divisor (cuda/fast_divmod.cuh), for tests.");
   m.def("intranode_bytes",
         [](int num_ranks, int capacity, int max_tokens, int num_topk, int max_row_bytes, int max_scale_bytes,
            int ll_num_experts, int ll_hidden, int num_nodes) {
