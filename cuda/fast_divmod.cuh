@@ -11,7 +11,8 @@
 namespace jax_ep {
 
 // Exact for 0 <= n < 2^31 and 1 <= divisor < 2^31 (the round-up method: shift = ceil(log2 d), then
-// n / d = (umulhi(n, mul) + n) >> shift with mul = floor(2^32 (2^shift - d) / d) + 1).
+// n / d = (umulhi(n, mul) + n) >> shift with mul = floor(2^32 (2^shift - d) / d) + 1). A divisor below 1 is taken as
+// 1: the combine send's R - 1 at R = 1, where it has no unit to divide.
 struct FastDivmod {
   int divisor = 1;
   uint32_t multiplier = 0;
