@@ -37,6 +37,17 @@ struct FastDivmod {
 #endif
     return static_cast<int>((high + u) >> shift);
   }
+
+  struct QuotientRemainder {
+    int quotient, remainder;
+  };
+#ifdef __CUDACC__
+  __host__ __device__
+#endif
+  inline QuotientRemainder divmod(int n) const {
+    const int q = div(n);
+    return {q, n - q * divisor};
+  }
 };
 
 }  // namespace jax_ep

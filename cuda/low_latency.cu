@@ -465,8 +465,9 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_se
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, P = tokens_per_pass, row_vecs = H / 8;
   // Where the grid budget has room (R=2), a token's row is split over row_parts blocks (pieces [j_lo, j_hi), whole
   // 128-channel groups); part 0 also writes the header and the presence bits.
-  const int token_block = kSplitRow ? row_parts.div(blockIdx.x) : static_cast<int>(blockIdx.x);
-  const int part = kSplitRow ? static_cast<int>(blockIdx.x) - token_block * row_parts.divisor : 0;
+  const FastDivmod::QuotientRemainder block = kSplitRow ? row_parts.divmod(blockIdx.x)
+                                                         : FastDivmod::QuotientRemainder{static_cast<int>(blockIdx.x), 0};
+  const int token_block = block.quotient, part = block.remainder;
   const int step = kSplitRow ? row_parts.div(gridDim.x) : static_cast<int>(gridDim.x);
   const int unit_shift = row_vecs % 16 == 0 ? 4 : 0;  // split at whole 16-piece units (128-channel groups) when it can
   const int j_lo = kSplitRow ? row_parts.div((row_vecs >> unit_shift) * part) << unit_shift : 0;
@@ -634,7 +635,7 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_dispatch_re
   __syncthreads();  // every source's rows are there (the barrier orders the waiting threads' acquires before all)
   stamp_start(v, kDispatchRecvKernel, epoch, entry_ns);  // every write after the liveness check
   for (int pair = blockIdx.x; pair < E_loc * R; pair += gridDim.x) {
-  const int e = l.ranks_div.div(pair), s = pair - e * R;
+  const int e = l.ranks_div.div(pair), s = pair - e * R;  // not divmod's binding: it compiled to other code here
   // This op's copy of expert e's presence bits [R][W], and the copy the sends of epoch n + 2 will set.
   uint32_t* const bits_now = field<uint32_t>(v.local, l.dispatch_bits) + ((epoch % kLowLatencyBitsCopies) * E_loc + e) * R * W;
   uint32_t* const bits_next = field<uint32_t>(v.local, l.dispatch_bits) + (((epoch + 2) % kLowLatencyBitsCopies) * E_loc + e) * R * W;
@@ -775,10 +776,12 @@ struct CombineSendGrid {
 
 __device__ __forceinline__ UnitRequest request_unit(const PeerView& v, const LowLatencyCombineSendArgs& a,
                                                     const CombineSendGrid& g, int unit) {
-  const int R = v.ll.num_ranks, pair = g.splits.div(unit), other = pair - g.others.div(pair) * g.others.divisor;
+  const int R = v.ll.num_ranks;
+  const auto [pair, part] = g.splits.divmod(unit);
+  const auto [e, other] = g.others.divmod(pair);
   UnitRequest q;
-  q.part = unit - pair * g.splits.divisor;
-  q.e = g.others.div(pair);
+  q.part = part;
+  q.e = e;
   q.s = other + (other >= v.rank ? 1 : 0);
 #pragma unroll
   for (int r = 0; r < kUnitRangesInFlight; ++r) {
@@ -869,7 +872,8 @@ __device__ __forceinline__ const int4* combine_answer_row(const PeerView& v, con
                                                           size_t parity, int t, int id, int first_k) {
   const LowLatencyLayout& l = v.ll;
   const int R = l.num_ranks, T_max = l.max_tokens, H = l.hidden, K = l.num_topk;
-  const int W = low_latency_token_words(T_max), owner = l.local_experts_div.div(id), e = id - owner * l.local_experts_div.divisor;
+  const int W = low_latency_token_words(T_max);
+  const auto [owner, e] = l.local_experts_div.divmod(id);
   if (owner != v.rank) {
     return reinterpret_cast<const int4*>(v.local + l.combine_stage +
                                          ((parity * T_max + t) * K + first_k) * static_cast<size_t>(2 * H));
@@ -949,7 +953,7 @@ __global__ void __launch_bounds__(kThreads, kDispatchBlocksPerSm) ll_combine_rec
   stamp_start(v, kCombineRecvKernel, epoch, entry_ns);  // every write after the liveness check
   if (threadIdx.x == 0) stamp_wait_end(v, 1);
   for (int item = blockIdx.x; item < items; item += gridDim.x) {
-  const int t = column_parts.div(item), part = item - t * parts;
+  const auto [t, part] = column_parts.divmod(item);
   if (item != static_cast<int>(blockIdx.x)) {
     __syncthreads();  // answer / weight of the previous token are no longer read
     if (setup_warp) combine_token_setup(v, a, parity, t, load_token_route(a, t, K, E), answer, weight);

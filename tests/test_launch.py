@@ -94,9 +94,9 @@ def test_coordinator_port_is_outside_the_ephemeral_range_and_free():
 
 
 def test_low_latency_ranks_sharing_a_gpu_are_warned_of_overlapping_mps_shares():
-    """Several low-latency ranks on one GPU whose MPS shares add up to more than the GPU: the receive grids that wait
-    may hold the SMs a peer's send needs (a stall until the timeout, measured at 100 % each). jax_ep.launch's equal
-    split, rounded up, is not warned about."""
+    """Several low-latency ranks on one GPU whose MPS shares add up to more than the GPU are warned of (such shares
+    stalled the low-latency ops until the timeout in every run measured). jax_ep.launch's equal split, rounded up, is
+    not warned about."""
     from jax_ep.cuda_backend.runtime import mps_share_warning
     assert mps_share_warning(1, None) is None                       # one rank per GPU: no sharing
     for n in range(2, 65):

@@ -83,10 +83,10 @@ def mps_share_warning(ranks_on_gpu: int, share: str | None) -> str | None:
     given = f"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE={share}" if share and share.strip() else \
         "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE unset: 100 % each"
     return (f"jax_ep: {ranks_on_gpu} ranks of this low-latency Buffer share one GPU and their MPS SM shares add up to "
-            f"{percent * ranks_on_gpu:g} % ({given}). The low-latency receive kernels wait on their whole grid, so a "
-            f"rank's waiting receive can hold the SMs a peer's send needs: the op then stalls until timeout_s and "
-            f"fails naming a rank. Give each rank at most {math.ceil(100 / ranks_on_gpu)} % (jax_ep.launch does, "
-            f"unless JAX_EP_MPS_SM_PERCENT says otherwise).")
+            f"{percent * ranks_on_gpu:g} % ({given}). With such shares the low-latency ops stalled until timeout_s "
+            f"and failed naming a rank in every run measured (a rank at 100 %: the receive kernels wait on their whole "
+            f"grid). Give each rank at most {math.ceil(100 / ranks_on_gpu)} % (jax_ep.launch does, unless "
+            f"JAX_EP_MPS_SM_PERCENT says otherwise).")
 
 
 def _kv_client():
