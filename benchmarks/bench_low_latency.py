@@ -265,7 +265,8 @@ floor_dispatch = R * T * 2 * H + 3 * sel * fp8_msg      # read x; write + read s
 floor_combine = 3 * sel * bf16_msg + R * T * 2 * H      # read y rows; write + read staging; write out
 B = args.hbm_bytes_per_s * G   # the floor's bytes spread over every GPU's HBM
 summary = dict(config=dict(ranks=R, physical_gpus=G, tokens=T, hidden=H, topk=K, experts=E, loop=args.loop, selections=sel,
-                           sms_visible=visible_sms(), num_sms=args.num_sms or None),
+                           sms_visible=visible_sms(), num_sms=args.num_sms or None,
+                           mps_sm_percent=os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")),  # None: no MPS cap
                device=jax.devices()[0].device_kind, hbm_copy_bytes_per_s=args.hbm_bytes_per_s, results=results,
                floor_bytes=dict(dispatch=floor_dispatch, combine=floor_combine))
 if kernel and all(v is not None for v in kernel.values()):

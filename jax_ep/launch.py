@@ -1,14 +1,15 @@
 """Start R cooperating processes on this machine's GPUs: ``python -m jax_ep.launch --nproc R -- cmd ...``.
 
 Process i gets GPU i % G (G = visible GPUs). When R > G, several processes share a GPU: the launcher
-starts the CUDA MPS daemon (and stops it afterwards), and caps each process at an equal share of the SMs
-(CUDA_MPS_ACTIVE_THREAD_PERCENTAGE) so that ranks spinning on a GPU never starve their peers. The share is a cap,
-not a partition: MPS (driver 580) runs every client on the same first SMs of its share (R=2 at 50 %: all ranks on SMs
-0-65 of the H200's 132; R=8 at 13 %: all on SMs 0-15), measured with %smid on 2026-11-30.
-JAX_EP_MPS_SM_PERCENT=100 lets every rank use every SM: safe for normal-mode jobs (their kernels wait in
-one-block kernels) and measured 21 % faster at R=8; the low-latency receive kernels wait on their whole
-grid, so keep the equal split for jobs that use low-latency mode (at 100 % an R=2 low-latency benchmark stalled
-until the device-side timeout in 5 runs of 5, 2026-11-30; a low-latency Buffer warns of such shares). Each child
+starts the CUDA MPS daemon (and stops it afterwards), and caps each process's SMs (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE)
+so that the ranks spinning on a GPU leave their peers room to run. The share is a cap, not a partition: MPS (driver 580) runs
+every client on the same first SMs of its share (R=2 at 50 %: both ranks on SMs 0-65 of the H200's 132; at 99 %:
+both on SMs 0-129; R=8 at 13 %: all on SMs 0-15), measured with %smid on 2026-11-30. So two ranks on a GPU get 99 %
+each, and more get an equal split (default_sm_percent). JAX_EP_MPS_SM_PERCENT=100 lets every rank use every SM:
+safe for normal-mode jobs (their kernels wait in one-block kernels) and measured 21 % faster at R=8. Keep the
+default for jobs that use low-latency mode, whose receive kernels spin in every block: with a rank at 100 % an R=2
+low-latency benchmark stalled until the device-side timeout in 5 runs of 5, and 8 ranks at 99 % each stalled
+(2026-11-30); a low-latency Buffer warns of such shares. Each child
 calls ``jax_ep.launch.initialize()`` (or ``jax.distributed.initialize`` itself) with the environment set
 here: JAX_EP_COORDINATOR, JAX_EP_NUM_PROCESSES, JAX_EP_PROCESS_ID.
 """
@@ -52,18 +53,33 @@ def _visible_gpus() -> list[str]:
         return []
 
 
-def _sm_percent(ranks_per_gpu: int) -> int:
-    """Each rank's SM share under MPS: an equal split unless JAX_EP_MPS_SM_PERCENT (1..100) says otherwise.
+# Two ranks on a GPU get 99 % each, not an equal 50 %: MPS runs every client on the first SMs of its share, so at
+# 50 % both ranks ran on SMs 0-65 and SMs 66-131 of the H200 stayed idle; at 99 % both run on SMs 0-129. Not 100 %:
+# every low-latency run with a rank at 100 % stalled until the device-side timeout. Three or more ranks keep the
+# equal split: eight at 99 % each stalled. Measured on an H200, driver 580.159.04, 2026-11-30 (docs/low_latency.md,
+# "Twenty-third session"): R=2 low-latency combine send 9.8-10.3 -> 8.7-9.4 us, the multi-rank checks passing.
+TWO_RANKS_SM_PERCENT = 99
 
-    The split is rounded up: MPS rounds a share down to whole TPCs (pairs of SMs), so 100 // 8 = 12 % gave each of 8
-    ranks 14 of the H200's 132 SMs and 13 % gives 16. Every rank gets the same 16 (SMs 0-15): MPS caps each client
-    at its share of the first SMs, it does not hand out disjoint ones. Measured at R=8 (low-latency benchmark,
-    dispatch / combine, with the grids of cuda/low_latency.cu's five_per_sm_grid): 12 % -> 13 %, 84.1-84.3 /
-    104.1-104.9 us -> 76.5-77.0 / 100.5-101.2 us.
+
+def default_sm_percent(ranks_per_gpu: int) -> int:
+    """The SM share jax_ep.launch gives each of ``ranks_per_gpu`` ranks on one GPU when JAX_EP_MPS_SM_PERCENT is unset.
+
+    Past two ranks, an equal split rounded up: MPS rounds a share down to whole TPCs (pairs of SMs), so 100 // 8 = 12 %
+    gave each of 8 ranks 14 of the H200's 132 SMs and 13 % gives 16. Every rank gets the same 16 (SMs 0-15): MPS caps
+    each client at its share of the first SMs, it does not hand out disjoint ones. Measured at R=8 (low-latency
+    benchmark, dispatch / combine, with the grids of cuda/low_latency.cu's five_per_sm_grid): 12 % -> 13 %,
+    84.1-84.3 / 104.1-104.9 us -> 76.5-77.0 / 100.5-101.2 us.
     """
+    if ranks_per_gpu == 2:
+        return TWO_RANKS_SM_PERCENT
+    return max(1, -(-100 // ranks_per_gpu))
+
+
+def _sm_percent(ranks_per_gpu: int) -> int:
+    """Each rank's SM share under MPS: default_sm_percent unless JAX_EP_MPS_SM_PERCENT (1..100) says otherwise."""
     given = os.environ.get("JAX_EP_MPS_SM_PERCENT", "").strip()
     if not given:
-        return max(1, -(-100 // ranks_per_gpu))
+        return default_sm_percent(ranks_per_gpu)
     if not given.isdigit() or not 1 <= int(given) <= 100:
         raise ValueError(f"JAX_EP_MPS_SM_PERCENT={given!r}: want an integer percentage in 1..100")
     return int(given)

@@ -5,11 +5,13 @@ import pytest
 from jax_ep import launch
 
 
-def test_mps_share_defaults_to_an_equal_split_rounded_up(monkeypatch):
+def test_mps_share_defaults_to_99_percent_for_two_ranks_else_an_equal_split_rounded_up(monkeypatch):
+    """Two ranks: 99 % each (MPS runs both on the first SMs of their share, so 50 % left half the GPU idle; 100 %
+    stalled the low-latency ops). More: an equal split, rounded up to whole percent."""
     monkeypatch.delenv("JAX_EP_MPS_SM_PERCENT", raising=False)
     assert launch._sm_percent(8) == 13
     assert launch._sm_percent(3) == 34
-    assert launch._sm_percent(2) == 50
+    assert launch._sm_percent(2) == 99
     assert launch._sm_percent(1) == 100
     assert launch._sm_percent(200) == 1
 
@@ -94,16 +96,19 @@ def test_coordinator_port_is_outside_the_ephemeral_range_and_free():
 
 
 def test_low_latency_ranks_sharing_a_gpu_are_warned_of_overlapping_mps_shares():
-    """Several low-latency ranks on one GPU whose MPS shares add up to more than the GPU are warned of (such shares
-    stalled the low-latency ops until the timeout in every run measured). jax_ep.launch's equal split, rounded up, is
-    not warned about."""
+    """Several low-latency ranks on one GPU at shares that stalled the low-latency ops until the timeout (a rank at
+    100 %; more than two ranks whose shares add up to more than the GPU) are warned of. jax_ep.launch's default
+    shares, and two ranks below 100 % (measured at 55 % and 99 %), are not."""
     from jax_ep.cuda_backend.runtime import mps_share_warning
     assert mps_share_warning(1, None) is None                       # one rank per GPU: no sharing
     for n in range(2, 65):
-        assert mps_share_warning(n, str(launch._sm_percent(n))) is None
+        assert mps_share_warning(n, str(launch.default_sm_percent(n))) is None
     unset = mps_share_warning(2, None)
-    assert unset and "unset" in unset and "200 %" in unset and "at most 50 %" in unset
+    assert unset and "unset" in unset and "at 100 %" in unset and "at most 99 %" in unset
     assert mps_share_warning(2, " ") == unset                        # empty counts as unset
     assert "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=100" in mps_share_warning(8, "100")
-    assert mps_share_warning(2, "55") and mps_share_warning(8, "14")
+    assert mps_share_warning(2, "55") is None and mps_share_warning(2, "99") is None
+    assert mps_share_warning(2, "100")                               # one rank at 100 % is enough
+    assert mps_share_warning(3, "34") is None and mps_share_warning(3, "35")
+    assert "at most 13 %" in mps_share_warning(8, "99") and mps_share_warning(8, "14")
     assert mps_share_warning(2, "not a number") is None

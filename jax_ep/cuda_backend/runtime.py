@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 from .. import _cuda
+from ..launch import default_sm_percent
 
 _lock = threading.Lock()
 _uids = itertools.count(1)   # same order on every process (SPMD): the uid names the exchange
@@ -64,29 +65,28 @@ def same_gpu_mask(uuids: list[bytes], rank: int) -> int:
 
 
 def mps_share_warning(ranks_on_gpu: int, share: str | None) -> str | None:
-    """Why a low-latency Buffer whose ranks share a GPU may stall until its timeout, or None. The low-latency receive
-    kernels wait on their whole grid; under MPS a rank's grid may use the SMs of its share
-    (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE, ``share``; 100 when unset). Measured on an H200 (2026-11-30, R=2): with every
-    rank at 100 %, the benchmark's first op stalled until the device-side timeout in 5 runs of 5, with the grids at
-    their usual size or at the equal split's (at 55 % each, one run, it did not); with one rank at 50 % and the other
-    at 100 % (R=8: 13 % to 100 %), 2 runs of 2 each. Why is not known: MPS runs every client on the first SMs of its
-    share, so equal shares overlap entirely and do not stall. jax_ep.launch gives each rank ceil(100 / n) %, which MPS
-    rounds down to whole TPCs: each rank may add up to 1 % over an exact split."""
+    """Why a low-latency Buffer whose ranks share a GPU may stall until its timeout, or None. Under MPS a rank's
+    kernels may use the SMs of its share (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE, ``share``; 100 when unset), and the
+    low-latency receive kernels spin in every block until the peers' signals arrive. Measured on an H200 (driver
+    580.159.04, 2026-11-30): with a rank at 100 % (R=2: both ranks, 5 runs of 5; one at 50 % and one at 100 %, and
+    R=8 at 13 % to 100 %, 2 runs of 2) and with 8 ranks at 99 % each (1 run), the ops stalled until the device-side
+    timeout; 2 ranks at 55 % (1 run) and at 99 % (mp checks and benchmarks, 8 runs, all passing) did not. Why
+    some shares stall is not known. jax_ep.launch's default_sm_percent is never warned of."""
     if ranks_on_gpu < 2:
         return None
     try:
         percent = 100.0 if share is None or not share.strip() else float(share)
     except ValueError:
         return None   # MPS itself rejects what it cannot parse
-    if percent * ranks_on_gpu <= 100 + ranks_on_gpu:
+    over_gpu = percent * ranks_on_gpu > 100 + ranks_on_gpu   # an equal split rounded up to whole % is not "over"
+    if percent < 100 and (ranks_on_gpu == 2 or not over_gpu):
         return None
     given = f"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE={share}" if share and share.strip() else \
         "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE unset: 100 % each"
-    return (f"jax_ep: {ranks_on_gpu} ranks of this low-latency Buffer share one GPU and their MPS SM shares add up to "
-            f"{percent * ranks_on_gpu:g} % ({given}). With such shares the low-latency ops stalled until timeout_s "
-            f"and failed naming a rank in every run measured (a rank at 100 %: the receive kernels wait on their whole "
-            f"grid). Give each rank at most {math.ceil(100 / ranks_on_gpu)} % (jax_ep.launch does, unless "
-            f"JAX_EP_MPS_SM_PERCENT says otherwise).")
+    return (f"jax_ep: {ranks_on_gpu} ranks of this low-latency Buffer share one GPU at {percent:g} % of its SMs each "
+            f"({given}). The low-latency ops stalled until timeout_s and failed naming a rank in every run measured "
+            f"with a rank at 100 %, and with 8 ranks at 99 % each. Give each rank at most "
+            f"{default_sm_percent(ranks_on_gpu)} % (jax_ep.launch does, unless JAX_EP_MPS_SM_PERCENT says otherwise).")
 
 
 def _kv_client():
