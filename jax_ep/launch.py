@@ -2,15 +2,15 @@
 
 Process i gets GPU i % G (G = visible GPUs). When R > G, several processes share a GPU: the launcher
 starts the CUDA MPS daemon (and stops it afterwards), and caps each process's SMs (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE)
-so that the ranks spinning on a GPU leave their peers room to run. The share is a cap, not a partition: MPS (driver 580) runs
-every client on the same first SMs of its share (R=2 at 50 %: both ranks on SMs 0-65 of the H200's 132; at 99 %:
+so that the ranks spinning on a GPU leave their peers room to run. The share is a cap, not a partition: MPS
+(driver 580) ran the clients on the same first SMs (R=2 at 50 %: both ranks on SMs 0-65 of the H200's 132; at 99 %:
 both on SMs 0-129; R=8 at 13 %: all on SMs 0-15), measured with %smid on 2026-11-30. So two ranks on a GPU get 99 %
 each, and more get an equal split (default_sm_percent). JAX_EP_MPS_SM_PERCENT=100 lets every rank use every SM:
 safe for normal-mode jobs (their kernels wait in one-block kernels) and measured 21 % faster at R=8. Keep the
 default for jobs that use low-latency mode, whose receive kernels spin in every block: with a rank at 100 % an R=2
-low-latency benchmark stalled until the device-side timeout in 5 runs of 5, and 8 ranks at 99 % each stalled
-(2026-11-30); a low-latency Buffer warns of such shares. Each child
-calls ``jax_ep.launch.initialize()`` (or ``jax.distributed.initialize`` itself) with the environment set
+low-latency benchmark stalled until the device-side timeout in 5 runs of 5, and 8 ranks at 25 % or 99 % each
+stalled (2026-11-30); a low-latency Buffer warns of such shares. Each child calls
+``jax_ep.launch.initialize()`` (or ``jax.distributed.initialize`` itself) with the environment set
 here: JAX_EP_COORDINATOR, JAX_EP_NUM_PROCESSES, JAX_EP_PROCESS_ID.
 """
 
@@ -56,8 +56,9 @@ def _visible_gpus() -> list[str]:
 # Two ranks on a GPU get 99 % each, not an equal 50 %: MPS runs every client on the first SMs of its share, so at
 # 50 % both ranks ran on SMs 0-65 and SMs 66-131 of the H200 stayed idle; at 99 % both run on SMs 0-129. Not 100 %:
 # every low-latency run with a rank at 100 % stalled until the device-side timeout. Three or more ranks keep the
-# equal split: eight at 99 % each stalled. Measured on an H200, driver 580.159.04, 2026-11-30 (docs/low_latency.md,
-# "Twenty-third session"): R=2 low-latency combine send 9.8-10.3 -> 8.7-9.4 us, the multi-rank checks passing.
+# equal split: eight at 25 % or at 99 % each stalled. Measured on an H200, driver 580.159.04, 2026-11-30
+# (docs/low_latency.md, "Twenty-third session"): R=2 low-latency combine send 9.76-10.27 -> 8.74-9.68 us (7 runs
+# each), the multi-rank checks passing.
 TWO_RANKS_SM_PERCENT = 99
 
 

@@ -69,9 +69,9 @@ def mps_share_warning(ranks_on_gpu: int, share: str | None) -> str | None:
     kernels may use the SMs of its share (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE, ``share``; 100 when unset), and the
     low-latency receive kernels spin in every block until the peers' signals arrive. Measured on an H200 (driver
     580.159.04, 2026-11-30): with a rank at 100 % (R=2: both ranks, 5 runs of 5; one at 50 % and one at 100 %, and
-    R=8 at 13 % to 100 %, 2 runs of 2) and with 8 ranks at 99 % each (1 run), the ops stalled until the device-side
-    timeout; 2 ranks at 55 % (1 run) and at 99 % (mp checks and benchmarks, 8 runs, all passing) did not. Why
-    some shares stall is not known. jax_ep.launch's default_sm_percent is never warned of."""
+    R=8 at 13 % to 100 %, 2 runs of 2) and with 8 ranks at 25 % or at 99 % each (1 run each), the ops stalled
+    until the device-side timeout; 2 ranks at 55 % (1 benchmark) and at 99 % (3 multi-rank checks, 9 benchmarks)
+    did not. Why some shares stall is not known. jax_ep.launch's default_sm_percent is never warned of."""
     if ranks_on_gpu < 2:
         return None
     try:
@@ -85,7 +85,7 @@ def mps_share_warning(ranks_on_gpu: int, share: str | None) -> str | None:
         "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE unset: 100 % each"
     return (f"jax_ep: {ranks_on_gpu} ranks of this low-latency Buffer share one GPU at {percent:g} % of its SMs each "
             f"({given}). The low-latency ops stalled until timeout_s and failed naming a rank in every run measured "
-            f"with a rank at 100 %, and with 8 ranks at 99 % each. Give each rank at most "
+            f"with a rank at 100 %, and with 8 ranks at 25 % or 99 % each. Give each rank at most "
             f"{default_sm_percent(ranks_on_gpu)} % (jax_ep.launch does, unless JAX_EP_MPS_SM_PERCENT says otherwise).")
 
 
