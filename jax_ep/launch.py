@@ -1,16 +1,16 @@
 """Start R cooperating processes on this machine's GPUs: ``python -m jax_ep.launch --nproc R -- cmd ...``.
 
 Process i gets GPU i % G (G = visible GPUs). When R > G, several processes share a GPU: the launcher
-starts the CUDA MPS daemon (and stops it afterwards), and caps each process's SMs (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE)
-so that the ranks spinning on a GPU leave their peers room to run. The share is a cap, not a partition: MPS
-(driver 580) ran the clients on the same first SMs (R=2 at 50 %: both ranks on SMs 0-65 of the H200's 132; at 99 %:
-both on SMs 0-129; R=8 at 13 %: all on SMs 0-15), measured with %smid on 2026-11-30. So two ranks on a GPU get 99 %
-each, and more get an equal split (default_sm_percent). JAX_EP_MPS_SM_PERCENT=100 lets every rank use every SM:
-safe for normal-mode jobs (their kernels wait in one-block kernels) and measured 21 % faster at R=8. Keep the
-default for jobs that use low-latency mode, whose receive kernels spin in every block: with a rank at 100 % an R=2
-low-latency benchmark stalled until the device-side timeout in 5 runs of 5, and 8 ranks at 25 % or 99 % each
-stalled (2026-11-30); a low-latency Buffer warns of such shares. Each child calls
-``jax_ep.launch.initialize()`` (or ``jax.distributed.initialize`` itself) with the environment set
+starts the CUDA MPS daemon (and stops it afterwards), and caps each process at an equal share of the SMs
+(CUDA_MPS_ACTIVE_THREAD_PERCENTAGE, default_sm_percent) so that the ranks spinning on a GPU leave their peers room to
+run. The share is a cap, not a partition: MPS (driver 580) ran the clients on the same first SMs (R=2 at 50 %: both
+ranks on SMs 0-65 of the H200's 132; at 99 %: both on SMs 0-129; R=8 at 13 %: all on SMs 0-15), measured with %smid
+on 2026-11-30. JAX_EP_MPS_SM_PERCENT=100 lets every rank use every SM: safe for normal-mode jobs (their kernels wait
+in one-block kernels) and measured 21 % faster at R=8. Jobs that use low-latency mode, whose receive kernels spin in
+every block, must stay under it: with a rank at 100 % an R=2 low-latency benchmark stalled until the device-side
+timeout in 5 runs of 5, and 8 ranks at 25 % or 99 % each stalled (2026-11-30); two ranks at 99 % each did not (see
+default_sm_percent for what that share gains and costs); a low-latency Buffer warns of the shares that stalled. Each
+child calls ``jax_ep.launch.initialize()`` (or ``jax.distributed.initialize`` itself) with the environment set
 here: JAX_EP_COORDINATOR, JAX_EP_NUM_PROCESSES, JAX_EP_PROCESS_ID.
 """
 
@@ -53,26 +53,22 @@ def _visible_gpus() -> list[str]:
         return []
 
 
-# Two ranks on a GPU get 99 % each, not an equal 50 %: MPS runs every client on the first SMs of its share, so at
-# 50 % both ranks ran on SMs 0-65 and SMs 66-131 of the H200 stayed idle; at 99 % both run on SMs 0-129. Not 100 %:
-# every low-latency run with a rank at 100 % stalled until the device-side timeout. Three or more ranks keep the
-# equal split: eight at 25 % or at 99 % each stalled. Measured on an H200, driver 580.159.04, 2026-11-30
-# (docs/low_latency.md, "Twenty-third session"): R=2 low-latency combine send 9.76-10.27 -> 8.74-9.68 us (7 runs
-# each), the multi-rank checks passing.
-TWO_RANKS_SM_PERCENT = 99
-
-
 def default_sm_percent(ranks_per_gpu: int) -> int:
-    """The SM share jax_ep.launch gives each of ``ranks_per_gpu`` ranks on one GPU when JAX_EP_MPS_SM_PERCENT is unset.
+    """The SM share jax_ep.launch gives each of ``ranks_per_gpu`` ranks on one GPU when JAX_EP_MPS_SM_PERCENT is unset:
+    an equal split, rounded up.
 
-    Past two ranks, an equal split rounded up: MPS rounds a share down to whole TPCs (pairs of SMs), so 100 // 8 = 12 %
-    gave each of 8 ranks 14 of the H200's 132 SMs and 13 % gives 16. Every rank gets the same 16 (SMs 0-15): MPS caps
-    each client at its share of the first SMs, it does not hand out disjoint ones. Measured at R=8 (low-latency
-    benchmark, dispatch / combine, with the grids of cuda/low_latency.cu's five_per_sm_grid): 12 % -> 13 %,
-    84.1-84.3 / 104.1-104.9 us -> 76.5-77.0 / 100.5-101.2 us.
+    Rounded up because MPS rounds a share down to whole TPCs (pairs of SMs): 100 // 8 = 12 % gave each of 8 ranks 14
+    of the H200's 132 SMs and 13 % gives 16. Every rank gets the same 16 (SMs 0-15): MPS caps each client at its share
+    of the first SMs, it does not hand out disjoint ones. Measured at R=8 (low-latency benchmark, dispatch / combine,
+    with the grids of cuda/low_latency.cu's five_per_sm_grid): 12 % -> 13 %, 84.1-84.3 / 104.1-104.9 us -> 76.5-77.0 /
+    100.5-101.2 us.
+
+    Two ranks at 99 % each (JAX_EP_MPS_SM_PERCENT=99) run on SMs 0-129 instead of 0-65. Measured on an H200 (driver
+    580.159.04, 2026-11-30, 7 runs each; docs/low_latency.md, "Twenty-third session"): the low-latency benchmark's
+    combine send 9.76-10.27 -> 8.74-9.68 us, but with a GEMM between each send and its receive (DeepEP's hooked
+    timing) dispatch / combine 22.9-23.3 / 24.1-24.6 -> 29.8-32.1 / 34.9-36.3 us (why was not measured). So the equal
+    split stays the default.
     """
-    if ranks_per_gpu == 2:
-        return TWO_RANKS_SM_PERCENT
     return max(1, -(-100 // ranks_per_gpu))
 
 

@@ -5,13 +5,11 @@ import pytest
 from jax_ep import launch
 
 
-def test_mps_share_defaults_to_99_percent_for_two_ranks_else_an_equal_split_rounded_up(monkeypatch):
-    """Two ranks: 99 % each (MPS runs both on the first SMs of their share, so 50 % left half the GPU idle; 100 %
-    stalled the low-latency ops). More: an equal split, rounded up to whole percent."""
+def test_mps_share_defaults_to_an_equal_split_rounded_up(monkeypatch):
     monkeypatch.delenv("JAX_EP_MPS_SM_PERCENT", raising=False)
     assert launch._sm_percent(8) == 13
     assert launch._sm_percent(3) == 34
-    assert launch._sm_percent(2) == 99
+    assert launch._sm_percent(2) == 50
     assert launch._sm_percent(1) == 100
     assert launch._sm_percent(200) == 1
 
@@ -104,7 +102,7 @@ def test_low_latency_ranks_sharing_a_gpu_are_warned_of_overlapping_mps_shares():
     for n in range(2, 65):
         assert mps_share_warning(n, str(launch.default_sm_percent(n))) is None
     unset = mps_share_warning(2, None)
-    assert unset and "unset" in unset and "at 100 %" in unset and "at most 99 %" in unset
+    assert unset and "unset" in unset and "at 100 %" in unset and "at most 50 %" in unset
     assert mps_share_warning(2, " ") == unset                        # empty counts as unset
     assert "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=100" in mps_share_warning(8, "100")
     assert mps_share_warning(2, "55") is None and mps_share_warning(2, "99") is None

@@ -69,9 +69,11 @@ def mps_share_warning(ranks_on_gpu: int, share: str | None) -> str | None:
     kernels may use the SMs of its share (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE, ``share``; 100 when unset), and the
     low-latency receive kernels spin in every block until the peers' signals arrive. Measured on an H200 (driver
     580.159.04, 2026-11-30): with a rank at 100 % (R=2: both ranks, 5 runs of 5; one at 50 % and one at 100 %, and
-    R=8 at 13 % to 100 %, 2 runs of 2) and with 8 ranks at 25 % or at 99 % each (1 run each), the ops stalled
-    until the device-side timeout; 2 ranks at 55 % (1 benchmark) and at 99 % (3 multi-rank checks, 9 benchmarks)
-    did not. Why some shares stall is not known. jax_ep.launch's default_sm_percent is never warned of."""
+    R=8 at 13 % to 100 %, 2 runs of 2) and with 8 ranks at 25 % or at 99 % each (2 runs each: the multi-rank check
+    and the benchmark), the ops stalled until the device-side timeout; 2 ranks at 55 % (1 benchmark) and at 99 %
+    (3 multi-rank checks, 9 benchmarks) did not. Why some shares stall is not known. Warned of: a rank at 100 %, and
+    more than two ranks whose shares add up to more than the GPU (which covers shares never measured). jax_ep.launch's
+    default_sm_percent is never warned of."""
     if ranks_on_gpu < 2:
         return None
     try:
