@@ -7,9 +7,9 @@ run. The share is a cap, not a partition: MPS (driver 580) ran the clients on th
 ranks on SMs 0-65 of the H200's 132; at 99 %: both on SMs 0-129; R=8 at 13 %: all on SMs 0-15), measured with %smid
 on 2026-11-30. JAX_EP_MPS_SM_PERCENT=100 lets every rank use every SM: safe for normal-mode jobs (their kernels wait
 in one-block kernels) and measured 21 % faster at R=8. Jobs that use low-latency mode, whose receive kernels spin in
-every block, must stay under it: with a rank at 100 % an R=2 low-latency benchmark stalled until the device-side
-timeout in 5 runs of 5, and 8 ranks at 25 % or 99 % each stalled (2026-11-30); two ranks at 99 % each did not (see
-default_sm_percent for what that share gains and costs); a low-latency Buffer warns of the shares that stalled. Each
+every block, need care: with a rank at 100 % an R=2 low-latency benchmark stalled until the device-side timeout in 5
+runs of 5, and 8 ranks at 25 % or 99 % each stalled (2026-11-30); two ranks at 99 % each did not (see
+default_sm_percent for what that share gains and costs); a low-latency Buffer warns of such shares. Each
 child calls ``jax_ep.launch.initialize()`` (or ``jax.distributed.initialize`` itself) with the environment set
 here: JAX_EP_COORDINATOR, JAX_EP_NUM_PROCESSES, JAX_EP_PROCESS_ID.
 """
