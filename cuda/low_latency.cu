@@ -210,7 +210,7 @@ __device__ __forceinline__ void warp_load_chunk(const uint8_t* src, int bytes, i
 #pragma unroll
   for (int u = 0; u < 4; ++u) {
     const int j = j0 + 32 * u;
-    v[u] = j < n ? (kPeerWrittenSource ? ld_peer_written(in + j) : ld_nc(in + j)) : make_int4(0, 0, 0, 0);
+    v[u] = j < n ? (kPeerWrittenSource ? ld_peer_written(in + j) : ld_read_once(in + j)) : make_int4(0, 0, 0, 0);
   }
 }
 
