@@ -66,8 +66,10 @@ def default_sm_percent(ranks_per_gpu: int) -> int:
     Two ranks at 99 % each (JAX_EP_MPS_SM_PERCENT=99) run on SMs 0-129 instead of 0-65. Measured on an H200 (driver
     580.159.04, 2026-11-30, 7 runs each; docs/low_latency.md, "Twenty-third session"): the low-latency benchmark's
     combine send 9.76-10.27 -> 8.74-9.68 us, but with a GEMM between each send and its receive (DeepEP's hooked
-    timing) dispatch / combine 22.9-23.3 / 24.1-24.6 -> 29.8-32.1 / 34.9-36.3 us (why was not measured). So the equal
-    split stays the default.
+    timing) dispatch / combine 22.9-23.3 / 24.1-24.6 -> 29.8-32.1 / 34.9-36.3 us (why was not measured). Shares in
+    between did no better (twenty-fourth session, 3 runs each): the combine send 9.87-10.64 us at 50 %, 10.91-11.20 at
+    65 %, 10.34-10.53 at 75 %, 10.14-10.56 at 85 % (there with hooked combines of 33.5-34.0 us). So the equal split
+    stays the default.
     """
     return max(1, -(-100 // ranks_per_gpu))
 
