@@ -53,9 +53,10 @@ __device__ __forceinline__ uint64_t global_timer_ns() {
 // Read-only input (never written during the kernel) that the op reads once: the non-coherent path, no L1 line kept,
 // 256 B L2 fetches, and the line marked first to go from L2. The combine send's reads of y are these: its stores of
 // the staged rows (read back by the peer's receive soon after) then keep their L2 lines, the y rows' go first.
-// Measured on one H200, R=2 (twenty-fourth session, 4 runs each interleaved, medians per run): combine send
-// 9.9-10.6 -> 9.5-10.0 us, the combine 21.5-22.0 -> 21.0-21.1, its span 24.0-24.2 -> 23.3-23.5; without the
-// evict-first policy (no_allocate and 256 B only) the span was as short but the send not (9.7-10.6).
+// Measured on one H200, R=2 under MPS (twenty-fourth session, interleaved, medians per run; 13 runs before, 15 after):
+// combine send 9.84-10.69 -> 9.54-10.30 us (median of runs 10.42 -> 9.92), the combine 21.22-22.45 -> 20.94-21.36,
+// its span 23.82-24.45 -> 23.33-23.50; without the evict-first policy (no_allocate and 256 B only, 8 runs) the combine
+// was as short but the send not (9.66-10.62).
 __device__ __forceinline__ int4 ld_read_once(const int4* p) {
   uint64_t policy;
   asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
