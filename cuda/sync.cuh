@@ -53,7 +53,8 @@ __device__ __forceinline__ uint64_t global_timer_ns() {
 // Read-only input (never written during the kernel) that the op reads once: the non-coherent path, no L1 line kept,
 // 256 B L2 fetches, and the line marked first to go from L2. The combine send's reads of y are these: its stores of
 // the staged rows (read back by the peer's receive soon after) then keep their L2 lines, the y rows' go first.
-// Measured on one H200, R=2 under MPS (twenty-fourth session, interleaved, medians per run; 13 runs before, 15 after):
+// Measured on one H200, R=2 under MPS (twenty-fourth session, medians per run; 13 runs before, 15 after, side by side
+// in two of the calls, where the send's median of runs went 10.18 -> 9.73 and 10.53 -> 9.98):
 // combine send 9.84-10.69 -> 9.54-10.30 us (median of runs 10.42 -> 9.92), the combine 21.22-22.45 -> 20.94-21.36,
 // its span 23.82-24.45 -> 23.33-23.50; without the evict-first policy (no_allocate and 256 B only, 8 runs) the combine
 // was as short but the send not (9.66-10.62).
