@@ -57,7 +57,7 @@ __device__ __forceinline__ uint64_t global_timer_ns() {
 // in two of the calls, where the send's median of runs went 10.18 -> 9.73 and 10.53 -> 9.98):
 // combine send 9.84-10.69 -> 9.54-10.30 us (median of runs 10.42 -> 9.92), the combine 21.22-22.45 -> 20.94-21.36,
 // its span 23.82-24.45 -> 23.33-23.50; without the evict-first policy (no_allocate and 256 B only, 8 runs) the combine
-// was as short but the send not (9.66-10.62).
+// was as short but the send only ~0.2 us shorter by median (9.66-10.62, median 10.02).
 __device__ __forceinline__ int4 ld_read_once(const int4* p) {
   uint64_t policy;
   asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
